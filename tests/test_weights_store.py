@@ -169,7 +169,11 @@ def _shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def imagenet_samples(tmp_path_factory) -> tuple[Path, list[tuple[str, int]]]:
-    """The 1,000 sample images (one per class), unpacked once: (folder, [(file, class_index)])."""
+    """Every other one of the 1,000 sample images, unpacked once: (folder, [(file, class_index)]).
+
+    500 images halve the run time (the CPU forward passes dominate) and still separate a right
+    preprocessing from a wrong one: see the bounds in the tests below.
+    """
     tarball = _shared_data() / "imagenet-samples.tar.gz"
     if not tarball.is_file():
         pytest.skip(f"{tarball} not found")
@@ -179,7 +183,7 @@ def imagenet_samples(tmp_path_factory) -> tuple[Path, list[tuple[str, int]]]:
     folder = root / "imagenet-samples"
     with open(folder / "labels.csv", newline="") as f:
         rows = [(r["file"], int(r["class_index"])) for r in csv.DictReader(f)]
-    return folder, rows
+    return folder, rows[::2]
 
 
 def _transform(pp: Preprocessing) -> T.Compose:
@@ -214,7 +218,9 @@ def test_mobilenet_v2_accuracy_from_packaged_file(imagenet_samples, torch_home, 
     model = torchvision.models.mobilenet_v2(weights=MOBILENET_V1)
     acc = _top1(model, Preprocessing.from_torchvision(MOBILENET_V1), imagenet_samples)
     print(f"mobilenet_v2 IMAGENET1K_V1 top-1 {acc:.3f} ({time.perf_counter() - t0:.1f} s)")
-    assert acc >= 0.75  # published 0.824 on these images; chance is 0.001
+    # Measured 0.812 on this half (0.824 on all 1,000, as published); normalising with
+    # mean = std = 0.5 instead scores 0.724, chance is 0.001.
+    assert acc >= 0.78
 
 
 @pytest.mark.data
@@ -227,4 +233,6 @@ def test_efficientnet_lite0_accuracy_from_converted_weights(imagenet_samples):
     model.load_state_dict(ws.efficientnet_lite0_state_dict(), strict=True)
     acc = _top1(model, ws.LITE0_PREPROCESSING, imagenet_samples)
     print(f"tf_efficientnet_lite0 (converted) top-1 {acc:.3f} ({time.perf_counter() - t0:.1f} s)")
-    assert acc >= 0.75  # published 0.873 on these images; chance is 0.001
+    # Measured 0.874 on this half (0.873 on all 1,000, as published); ImageNet mean/std
+    # instead of 0.5 scores 0.772, chance is 0.001.
+    assert acc >= 0.84

@@ -103,6 +103,8 @@ class StageConfig:
 class TrainConfig:
     """How to train: the seed's two phases by default, or an explicit list of stages."""
 
+    # What the first (head) stage freezes: body, none, first:K or name patterns.
+    freeze: str = "body"
     epochs: int = 3
     lr: float = 1e-3
     optimizer: str = "adamw"
@@ -117,6 +119,10 @@ class TrainConfig:
     # ``all`` or the number of last depth groups unfrozen for fine-tuning.
     finetune_unfreeze: str = "all"
     finetune_lr: float = 1e-4
+    # Discriminative rates in the fine-tuning stage (see StageConfig.layer_decay).
+    layer_decay: float = 1.0
+    # ``two-phase`` (the seed's) or ``gradual`` (one more depth group per epoch, deepest first).
+    schedule: str = "two-phase"
     # When set, replaces the two phases above.
     stages: list[StageConfig] = field(default_factory=list)
     # Stop a stage when validation accuracy has not improved for this many epochs.

@@ -1,0 +1,87 @@
+"""Checkpoints that are plain, safe and complete.
+
+A headstart checkpoint is a dict of plain Python data and tensors: the model's state dict plus
+everything needed to rebuild it with no network and no other file — architecture name, head
+config, class names, preprocessing and the run's resolved config. It loads with
+``torch.load(path, weights_only=True)``. Checkpoints are written to a temporary file and renamed
+into place, so a crash never leaves a torn file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import HeadConfig, from_dict
+from .errors import HeadstartError
+from .network import Network
+from .preprocess import Preprocessing
+
+FORMAT = "headstart-checkpoint/1"
+
+
+def model_record(net: Network, classes: list[str]) -> dict[str, Any]:
+    """The self-contained description of a trained model."""
+    from dataclasses import asdict
+
+    return {
+        "format": FORMAT,
+        "arch": net.name,
+        "source": net.source,
+        "head": asdict(net.head_config),
+        "num_classes": net.num_classes,
+        "classes": list(classes),
+        "preprocessing": net.preprocessing.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+    }
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict safely (``weights_only=True``), with clear errors."""
+    path = Path(path)
+    if path.is_dir():  # a run folder: take its best model
+        path = path / "best.pt" if (path / "best.pt").exists() else path / "last.pt"
+    if not path.is_file():
+        raise HeadstartError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file, whatever the reason
+        raise HeadstartError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise HeadstartError(f"{path} is not a headstart checkpoint (it has no '{FORMAT}' record)")
+    return ckpt
+
+
+def load_network(path_or_ckpt: str | Path | dict[str, Any]) -> tuple[Network, dict[str, Any]]:
+    """Rebuild the trained network from a checkpoint alone (no download, no other file)."""
+    from .backbones import build_network
+
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else read(path_or_ckpt)
+    pre = Preprocessing.from_dict(ckpt["preprocessing"])
+    net = build_network(ckpt["arch"], "none", input_size=pre.crop)
+    net.replace_head(ckpt["num_classes"], from_dict(HeadConfig, ckpt["head"]))
+    net.load_state_dict(ckpt["state_dict"])
+    net.preprocessing = pre
+    net.eval()
+    return net, ckpt

@@ -1,0 +1,264 @@
+"""Training and evaluation: ``train_one_epoch``, ``evaluate``, ``fit``.
+
+``fit`` runs the stages of the schedule (see :mod:`headstart.optim`) one after another. Each
+epoch is seeded from the run's seed and its index, so a run on the CPU repeats exactly and a run
+resumed from its last checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from . import checkpoint
+from .config import RunConfig, StageConfig, to_dict
+from .data import DataBundle, build_transform, make_loader
+from .errors import HeadstartError
+from .freeze import count_params, trainable_state
+from .metrics import ClassReport, class_report
+from .network import Network
+from .optim import apply_stage, build_optimizer, build_scheduler, resolve_stages
+from .progress import Progress
+from .runs import RunDir
+
+log = logging.getLogger(__name__)
+AUX_WEIGHT = 0.4  # Inception's own recipe for its auxiliary classifiers
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(1e-9, self.seconds)
+
+
+@dataclass
+class FitResult:
+    best_accuracy: float
+    final: ClassReport | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: Path | None = None
+    seconds: float = 0.0
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise HeadstartError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_one_epoch(
+    net: Network,
+    loader: DataLoader,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "train",
+    on_step: Callable[[torch.optim.Optimizer], None] | None = None,
+) -> EpochStats:
+    """One pass over ``loader``, stepping the optimizer and the per-step schedule."""
+    net.train()
+    total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    bar = Progress(loader, len(loader), desc, enabled=progress)
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits, aux = net.forward_train(x)
+        loss = loss_fn(logits, y)
+        for a in aux:
+            loss = loss + AUX_WEIGHT * loss_fn(a, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if on_step is not None:
+            on_step(opt)
+        opt.step()
+        sched.step()
+        n = y.shape[0]
+        total_loss += float(loss.detach()) * n
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += n
+        bar.update(n, loss=total_loss / seen, acc=correct / seen)
+    return EpochStats(total_loss / max(1, seen), correct / max(1, seen), seen, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict_logits(net: nn.Module, loader: DataLoader, device: torch.device, progress: bool = False,
+                   tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) for every batch of ``loader``, in eval mode; ``tta`` adds a mirrored view."""
+    net.eval()
+    outs, targets = [], []
+    bar = Progress(loader, len(loader), "eval", enabled=progress)
+    for x, y in bar:
+        x = x.to(device, non_blocking=True)
+        logits = net(x).float()
+        if tta:
+            logits = (logits.softmax(1) + net(torch.flip(x, dims=[3])).float().softmax(1)).div(2).log()
+        outs.append(logits.cpu())
+        targets.append(y)
+        bar.update(y.shape[0])
+    return torch.cat(outs), torch.cat(targets)
+
+
+def evaluate(net: Network, loader: DataLoader, classes: list[str], device: torch.device,
+             progress: bool = False, tta: bool = False) -> ClassReport:
+    logits, targets = predict_logits(net, loader, device, progress, tta)
+    return class_report(logits, targets, classes)
+
+
+# ---------------------------------------------------------------------- fit
+
+
+def _epoch_loader(data: DataBundle, cfg: RunConfig, epoch_seed: int) -> DataLoader:
+    # The order of each epoch comes from its own generator, so epoch k's batches are the same
+    # whether the run started at epoch 0 or resumed at epoch k.
+    gen = torch.Generator().manual_seed(epoch_seed)
+    sampler = RandomSampler(data.train, generator=gen)
+    return make_loader(data.train, batch_size=cfg.data.batch_size, shuffle=False, workers=cfg.data.workers,
+                       seed=epoch_seed, sampler=sampler, drop_last=len(data.train) > cfg.data.batch_size)
+
+
+def _group_lrs(opt: torch.optim.Optimizer) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for g in opt.param_groups:
+        out.setdefault(g.get("name", "?"), g["lr"])
+    return out
+
+
+def fit(
+    net: Network,
+    data: DataBundle,
+    cfg: RunConfig,
+    run: RunDir | None = None,
+    *,
+    resume: dict[str, Any] | None = None,
+    say: Callable[[str], None] = print,
+) -> FitResult:
+    """Train ``net`` on ``data`` through every stage of ``cfg.train``'s schedule.
+
+    With ``run`` the resolved config, per-epoch metrics and checkpoints (``best.pt`` by validation
+    accuracy, ``last.pt`` with the full training state) are written to the run folder. ``resume``
+    is a ``last.pt`` checkpoint to continue from, mid-schedule.
+    """
+    tc = cfg.train
+    device = pick_device(tc.device)
+    net.to(device)
+    stages = resolve_stages(tc, net)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    val_loader = make_loader(data.val, batch_size=cfg.data.batch_size * 2, shuffle=False,
+                             workers=cfg.data.workers, seed=tc.seed)
+    state = _initial_state(resume)
+    start = time.perf_counter() - state["seconds"]
+    for si, stage in enumerate(stages):
+        if si < state["stage"]:
+            continue
+        apply_stage(net, stage)
+        opt = build_optimizer(net, stage, tc)
+        steps = len(_epoch_loader(data, cfg, 0))
+        sched = build_scheduler(opt, steps * stage.epochs, tc)
+        first_epoch = 0
+        if si == state["stage"] and state["optimizer"] is not None:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            first_epoch = state["epoch"]
+        elif si > 0 or resume is None:
+            state["bad_epochs"] = 0
+        _announce_stage(net, stage, si, len(stages), say)
+        for epoch in range(first_epoch, stage.epochs):
+            if state["stopped"]:
+                break
+            row = _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, val_loader, device, state)
+            state["history"].append(row)
+            state["seconds"] = time.perf_counter() - start
+            say(_epoch_line(row, stage))
+            _track_best(state, row, tc.patience)
+            if run is not None:
+                _save_epoch(run, net, data, cfg, state, si, epoch + 1, opt, sched, row)
+        state.update(stage=si + 1, epoch=0, optimizer=None, stopped=False, bad_epochs=0)
+    final = evaluate(net, val_loader, data.classes, device)
+    return FitResult(state["best"], final, state["history"], run.path if run else None, time.perf_counter() - start)
+
+
+def _initial_state(resume: dict[str, Any] | None) -> dict[str, Any]:
+    if resume is None:
+        return {"stage": 0, "epoch": 0, "optimizer": None, "scheduler": None, "best": -1.0,
+                "bad_epochs": 0, "stopped": False, "history": [], "seconds": 0.0, "global_epoch": 0}
+    ts = dict(resume["train_state"])
+    ts["history"] = list(ts["history"])
+    return ts
+
+
+def _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, val_loader, device, state) -> dict[str, Any]:
+    tc = cfg.train
+    epoch_seed = tc.seed * 100_003 + state["global_epoch"]
+    seed_everything(epoch_seed)  # augmentation and dropout draws of this epoch
+    loader = _epoch_loader(data, cfg, epoch_seed)
+    lrs = _group_lrs(opt)
+    desc = f"{stage.name} {epoch + 1}/{stage.epochs}"
+    tr = train_one_epoch(net, loader, opt, sched, loss_fn, device, tc.progress, desc)
+    report = evaluate(net, val_loader, data.classes, device)
+    state["global_epoch"] += 1
+    return {
+        "stage": stage.name, "stage_index": si, "epoch": epoch + 1, "global_epoch": state["global_epoch"],
+        "train_loss": tr.loss, "train_acc": tr.accuracy, "val_loss": report.loss, "val_acc": report.top1,
+        "val_top5": report.top5, "seconds": tr.seconds, "images_per_s": tr.images_per_s, "lrs": lrs,
+    }
+
+
+def _track_best(state: dict[str, Any], row: dict[str, Any], patience: int | None) -> None:
+    row["best"] = row["val_acc"] > state["best"]
+    if row["best"]:
+        state["best"], state["bad_epochs"] = row["val_acc"], 0
+    else:
+        state["bad_epochs"] += 1
+        if patience is not None and state["bad_epochs"] >= patience:
+            state["stopped"] = True  # early stop: this stage ends, the next one starts
+
+
+def _save_epoch(run: RunDir, net, data, cfg, state, si, epoch, opt, sched, row) -> None:
+    run.log_epoch(row)
+    record = checkpoint.model_record(net, data.classes) | {"config": to_dict(cfg), "metrics": row}
+    if row["best"]:
+        checkpoint.save(run.path / "best.pt", record)
+    train_state = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}
+    train_state.update(stage=si, epoch=epoch, optimizer=opt.state_dict(), scheduler=sched.state_dict())
+    checkpoint.save(run.path / "last.pt", record | {"train_state": train_state})
+
+
+def _announce_stage(net: Network, stage: StageConfig, si: int, n: int, say: Callable[[str], None]) -> None:
+    total, trainable = count_params(net)
+    states = trainable_state(net)
+    frozen = [g for g, s in states.items() if s == "frozen"]
+    live = [g for g, s in states.items() if s != "frozen"]
+    say(f"\n== stage {si + 1}/{n}: {stage.name} — {stage.epochs} epoch(s), lr {stage.lr}, BatchNorm {stage.bn}")
+    say(f"   frozen: {', '.join(frozen) or 'nothing'}")
+    say(f"   training: {', '.join(live)}  ({trainable:,} of {total:,} parameters)")
+
+
+def _epoch_line(row: dict[str, Any], stage: StageConfig) -> str:
+    mark = "  *best*" if row.get("best") else ""
+    return (f"   epoch {row['epoch']}/{stage.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
+            f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  ({row['images_per_s']:.0f} img/s){mark}")

@@ -1,0 +1,130 @@
+"""The training schedule: stages, parameter groups, optimizers and learning-rate schedules.
+
+Parameter groups are built in one place (:func:`param_groups`): only trainable parameters, no
+weight decay on biases and normalisation parameters, and a learning rate per depth group for
+discriminative fine-tuning. At every stage boundary the optimizer and the scheduler are built
+anew from the stage, so a group unfrozen later always gets the rate the schedule gives it.
+
+Example::
+
+    >>> from headstart.backbones import build_network
+    >>> from headstart.config import StageConfig
+    >>> net = build_network("resnet18", weights="none", num_classes=3)
+    >>> stage = StageConfig(name="ft", epochs=1, freeze="none", lr=1e-3, layer_decay=0.5)
+    >>> groups = param_groups(net, stage, base_lr=1e-3, weight_decay=0.01)
+    >>> [(g["name"], g["lr"]) for g in groups if g["weight_decay"]][:2]
+    [('stem', 3.125e-05), ('layer1', 6.25e-05)]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import StageConfig, TrainConfig
+from .errors import HeadstartError
+from .freeze import freeze, unfreeze_last
+from .network import Network
+
+SCHEDULERS = ("cosine", "onecycle", "constant")
+
+
+def resolve_stages(cfg: TrainConfig, net: Network) -> list[StageConfig]:
+    """The stages to run: ``cfg.stages`` when given, else the seed's two phases or gradual unfreezing."""
+    if cfg.stages:
+        return [s for s in cfg.stages]
+    stages = [StageConfig(name="head", epochs=cfg.epochs, freeze=cfg.freeze, lr=cfg.lr)]
+    if cfg.schedule == "gradual":
+        # ULMFiT-style: one more depth group joins every epoch, deepest first.
+        for k in range(1, len(net.groups) + 1):
+            name = f"unfreeze-{net.groups[-k].name}"
+            stages.append(StageConfig(name=name, epochs=1, freeze=unfreeze_last(net, k), lr=cfg.finetune_lr))
+    elif cfg.schedule != "two-phase":
+        raise HeadstartError(f"unknown schedule {cfg.schedule!r}: use two-phase or gradual (or list stages)")
+    if cfg.finetune_epochs > 0:
+        stages.append(
+            StageConfig(
+                name="finetune",
+                epochs=cfg.finetune_epochs,
+                freeze=unfreeze_last(net, cfg.finetune_unfreeze),
+                lr=cfg.finetune_lr,
+                layer_decay=cfg.layer_decay,
+            )
+        )
+    return [s for s in stages if s.epochs > 0]
+
+
+def apply_stage(net: Network, stage: StageConfig) -> None:
+    """Freeze what the stage freezes, set its BatchNorm policy, enable aux heads when they train."""
+    freeze(net, stage.freeze)
+    net.bn_policy = stage.bn
+    aux_trains = any(p.requires_grad for path in net.aux for p in net.body.get_submodule(path).parameters())
+    net.set_aux(aux_trains)
+
+
+def group_lrs(net: Network, stage: StageConfig, base_lr: float) -> dict[str, float]:
+    """Learning rate of each depth group and the head under ``stage``."""
+    names = [g.name for g in net.groups]
+    unknown = set(stage.lr_mult) - set(names) - {"head"}
+    if unknown:
+        raise HeadstartError(f"lr_mult names unknown group(s) {sorted(unknown)}; groups are {names + ['head']}")
+    lrs = {n: base_lr * stage.layer_decay ** (len(names) - i) for i, n in enumerate(names)}
+    lrs["head"] = base_lr
+    return {n: lr * stage.lr_mult.get(n, 1.0) for n, lr in lrs.items()}
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    # Biases, norm scales/shifts and embeddings are 1-D or tokens: decaying them only hurts.
+    return p.ndim <= 1 or name.endswith(("class_token", "pos_embedding", "cls_token", "pos_embed"))
+
+
+def param_groups(net: Network, stage: StageConfig, base_lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: trainable parameters only, split by depth group and decay."""
+    lrs = group_lrs(net, stage, base_lr)
+    out = []
+    for gname, params in net.group_params():
+        live = [(n, p) for n, p in params if p.requires_grad]
+        for decay in (True, False):
+            chosen = [p for n, p in live if _no_decay(n, p) != decay]
+            if chosen:
+                wd = weight_decay if decay else 0.0
+                out.append({"name": gname, "params": chosen, "lr": lrs[gname], "weight_decay": wd})
+    if not out:
+        raise HeadstartError(f"stage {stage.name!r} trains nothing: its freeze spec {stage.freeze!r} freezes everything")
+    return out
+
+
+def build_optimizer(net: Network, stage: StageConfig, cfg: TrainConfig) -> torch.optim.Optimizer:
+    base_lr = stage.lr if stage.lr is not None else cfg.lr
+    groups = param_groups(net, stage, base_lr, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=base_lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    raise HeadstartError(f"unknown optimizer {cfg.optimizer!r}: use adamw or sgd")
+
+
+def lr_factor(step: int, total: int, warmup: float, kind: str = "cosine") -> float:
+    """Multiplier of each group's rate at ``step`` of ``total``: linear warmup, then cosine to 0.
+
+    ``onecycle`` warms up over 30% of the steps by default and anneals to 1/1000 of the peak.
+    """
+    total = max(1, total)
+    if kind == "constant":
+        return 1.0
+    if kind not in SCHEDULERS:
+        raise HeadstartError(f"unknown scheduler {kind!r}: use {', '.join(SCHEDULERS)}")
+    warm = round(total * (warmup if kind == "cosine" else max(warmup, 0.3)))
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    progress = (step - warm) / max(1, total - warm)
+    floor = 1e-3 if kind == "onecycle" else 0.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule over one stage; it scales every group's own rate by the same factor."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg.warmup, cfg.scheduler))

@@ -1,0 +1,76 @@
+"""The run folder: one per training run, holding everything needed to understand and repeat it.
+
+``runs/<name>/`` gets ``config.yaml`` (the resolved config), ``metrics.csv`` (one row per epoch),
+``metrics.jsonl`` (the same rows with every group's learning rate), ``best.pt`` and ``last.pt``
+checkpoints and, at the end, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, save_yaml
+
+CSV_FIELDS = ["global_epoch", "stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
+              "seconds", "images_per_s", "lr_head"]
+
+
+class RunDir:
+    """A run folder; created on construction, appended to as training goes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def new(cls, cfg: RunConfig) -> "RunDir":
+        """A fresh folder under ``cfg.output``, named ``cfg.name`` or by time, model and data."""
+        root = Path(cfg.output).expanduser()
+        if cfg.name:
+            name = cfg.name
+        else:
+            data = Path(cfg.data.source).name or "data"
+            name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.name}-{data}"
+        path = root / name
+        i = 1
+        while path.exists() and any(path.iterdir()):
+            i += 1
+            path = root / f"{name}-{i}"
+        return cls(path)
+
+    def write_config(self, cfg: RunConfig) -> None:
+        save_yaml(cfg, self.path / "config.yaml")
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        csv_path = self.path / "metrics.csv"
+        new = not csv_path.exists()
+        with csv_path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row | {"lr_head": row["lrs"].get("head")})
+        with (self.path / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def history(self) -> list[dict[str, Any]]:
+        p = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+    def truncate_history(self, epochs: int) -> None:
+        """Drop rows past ``epochs`` (those of an interrupted epoch's successors) before resuming."""
+        rows = self.history()[:epochs]
+        (self.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with (self.path / "metrics.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow(r | {"lr_head": r["lrs"].get("head")})
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        tmp = self.path / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(self.path / "summary.json")
