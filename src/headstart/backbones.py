@@ -143,7 +143,7 @@ def _resolve_weights(name: str, spec: str, enum: Any) -> tuple[Any | None, Path 
     if spec is None or spec.lower() in RANDOM:
         return None, None
     if spec.upper() == "DEFAULT":
-        return enum.DEFAULT, None
+        return _default_weights(name, enum), None
     key = spec.split(".")[-1]
     if key in enum.__members__:
         return enum[key], None
@@ -155,6 +155,28 @@ def _resolve_weights(name: str, spec: str, enum: Any) -> tuple[Any | None, Path 
         f"unknown weights {spec!r} for {name}: use DEFAULT, none, a file path, or one of "
         f"{', '.join(enum.__members__)}"
     )
+
+
+def _default_weights(name: str, enum: Any) -> Any:
+    """torchvision's recommended weights, or another pretrained entry already on this machine.
+
+    Offline-first: when the recommended file is neither cached nor packaged but another entry
+    is, that one is used (and said), instead of failing on a download.
+    """
+    from .weights_store import hub_checkpoint_dir, packaged_file
+
+    def local(w: Any) -> bool:
+        fname = w.url.rsplit("/", 1)[-1]
+        return (hub_checkpoint_dir() / fname).exists() or packaged_file(fname) is not None
+
+    if local(enum.DEFAULT):
+        return enum.DEFAULT
+    for w in enum:
+        if local(w):
+            log.warning("%s: DEFAULT weights (%s) are not on this machine; using %s, which is. "
+                        "Name the weights to insist.", name, enum.DEFAULT.name, w.name)
+            return w
+    return enum.DEFAULT
 
 
 def _load_pretrained(name: str, member: Any) -> nn.Module:

@@ -24,8 +24,8 @@ from .preprocess import Preprocessing
 FORMAT = "headstart-checkpoint/1"
 
 
-def model_record(net: Network, classes: list[str]) -> dict[str, Any]:
-    """The self-contained description of a trained model."""
+def model_record(net: Network, classes: list[str], kind: str = "photo") -> dict[str, Any]:
+    """The self-contained description of a trained model (``kind``: the data's transform family)."""
     from dataclasses import asdict
 
     return {
@@ -35,6 +35,7 @@ def model_record(net: Network, classes: list[str]) -> dict[str, Any]:
         "head": asdict(net.head_config),
         "num_classes": net.num_classes,
         "classes": list(classes),
+        "kind": kind,
         "preprocessing": net.preprocessing.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
     }

@@ -35,7 +35,7 @@ class ModelConfig:
     name: str = "mobilenet_v2"
     # ``DEFAULT``, a named weights entry (``IMAGENET1K_V1``), ``none`` for random weights, or a
     # path to a local state-dict file (.pth, .pt, .safetensors).
-    weights: str = "IMAGENET1K_V1"
+    weights: str = "DEFAULT"
     # Square input size fed to the network; None means the weights' own crop size.
     input_size: int | None = None
 

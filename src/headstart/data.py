@@ -558,6 +558,19 @@ def _folder(cfg: DataConfig, source: str, seed: int) -> DataBundle:
     return DataBundle(full.subset(tr), full.subset(va), classes, str(root), len(bad), kind="photo")
 
 
+def folder_dataset(folder: str | Path, *, strict: bool = False) -> FileDataset:
+    """Every readable image of a class-subfolder tree as one dataset (for evaluating a test set)."""
+    root = Path(os.path.expanduser(str(folder)))
+    if not root.is_dir():
+        raise HeadstartError(f"data folder {root} does not exist")
+    items, bad = _scan_classes(root)
+    _handle_unreadable(bad, root, strict)
+    classes = sorted({c for _, c in items})
+    if not classes:
+        raise HeadstartError(f"no images in class subfolders of {root}: put them in {root}/<class>/<image>")
+    return _file_dataset(items, classes)
+
+
 def _scan_classes(folder: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """Readable ``(path, class)`` pairs in ``folder/<class>/...`` and ``(path, reason)`` failures."""
     class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))

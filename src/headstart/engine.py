@@ -240,7 +240,7 @@ def _track_best(state: dict[str, Any], row: dict[str, Any], patience: int | None
 
 def _save_epoch(run: RunDir, net, data, cfg, state, si, epoch, opt, sched, row) -> None:
     run.log_epoch(row)
-    record = checkpoint.model_record(net, data.classes) | {"config": to_dict(cfg), "metrics": row}
+    record = checkpoint.model_record(net, data.classes, data.kind) | {"config": to_dict(cfg), "metrics": row}
     if row["best"]:
         checkpoint.save(run.path / "best.pt", record)
     train_state = {k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}

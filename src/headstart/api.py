@@ -1,0 +1,193 @@
+"""The Python API: the same jobs as the CLI, driven by the same :class:`~headstart.config.RunConfig`.
+
+Example (the seed's workflow, offline, on the bundled digits)::
+
+    import headstart as hs
+
+    net = hs.build_network("mobilenet_v2", weights="IMAGENET1K_V1", input_size=64)
+    print(net.body, net.head)                       # understand the model
+    hs.freeze(net, "body")                          # freeze the lower layers
+    data = hs.build_data(hs.DataConfig(source="digits"), net.preprocessing)
+    net.replace_head(len(data.classes))             # new final layer for 10 classes
+    cfg = hs.RunConfig()
+    cfg.train.epochs, cfg.train.finetune_epochs = 3, 2   # train the head, then fine-tune
+    result = hs.fit(net, data, cfg)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import checkpoint
+from .backbones import build_network
+from .config import DataConfig, RunConfig, from_dict, to_dict
+from .data import build_data, build_transform, folder_dataset, list_images, load_image, make_loader
+from .engine import FitResult, evaluate, fit, pick_device
+from .errors import HeadstartError
+from .freeze import count_params
+from .metrics import ClassReport
+from .network import Network
+from .runs import RunDir
+
+
+def prepare(cfg: RunConfig) -> tuple[Network, Any]:
+    """Build the network and the data a config describes, the head sized to the data's classes."""
+    net = build_network(cfg.model.name, cfg.model.weights, input_size=cfg.model.input_size)
+    data = build_data(cfg.data, net.preprocessing, seed=cfg.train.seed)
+    net.replace_head(len(data.classes), cfg.head)
+    return net, data
+
+
+def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[str], None] = print) -> FitResult:
+    """Run a whole training job: build, fit every stage, save checkpoints and the summary.
+
+    ``resume`` is a run folder whose ``last.pt`` the job continues from; the run's saved config
+    is used and ``cfg`` is ignored.
+    """
+    started = time.perf_counter()
+    state = None
+    if resume is not None:
+        run = RunDir(resume)
+        state = checkpoint.read(run.path / "last.pt")
+        cfg = from_dict(RunConfig, state["config"])
+        run.truncate_history(len(state["train_state"]["history"]))
+        say(f"resuming {run.path} after epoch {state['train_state']['global_epoch']}")
+    net, data = prepare(cfg)
+    if state is not None:
+        net.load_state_dict(state["state_dict"])
+    else:
+        run = RunDir.new(cfg)
+        run.write_config(cfg)
+    say(describe_job(net, data, cfg))
+    result = fit(net, data, cfg, run, resume=state, say=say)
+    run.write_summary(summary(net, data, cfg, result, time.perf_counter() - started))
+    say(f"\nfinal validation accuracy {result.final.top1:.2%} (best {result.best_accuracy:.2%}); "
+        f"model saved to {run.path / 'best.pt'}")
+    return result
+
+
+def describe_job(net: Network, data: Any, cfg: RunConfig) -> str:
+    total, _ = count_params(net)
+    pre = net.preprocessing
+    counts = data.class_counts()
+    return (
+        f"model: {net.name} ({net.source}, weights {cfg.model.weights}), {total:,} parameters, "
+        f"input {pre.crop}px\n"
+        f"data: {data.source}: {len(data.classes)} classes, {sum(counts['train'].values())} train / "
+        f"{sum(counts['val'].values())} validation images\n"
+        f"new classifier ({net.head_config.kind}):\n{net.head}"
+    )
+
+
+def summary(net: Network, data: Any, cfg: RunConfig, result: FitResult, seconds: float) -> dict[str, Any]:
+    stages: dict[str, dict[str, float]] = {}
+    for row in result.history:
+        s = stages.setdefault(row["stage"], {"epochs": 0, "seconds": 0.0, "images_per_s": 0.0})
+        s["epochs"] += 1
+        s["seconds"] += row["seconds"]
+        s["images_per_s"] = row["images_per_s"]
+    total, trainable = count_params(net)
+    return {
+        "model": net.name,
+        "weights": cfg.model.weights,
+        "data": data.source,
+        "classes": data.classes,
+        "class_counts": data.class_counts(),
+        "parameters": total,
+        "best_val_accuracy": result.best_accuracy,
+        "final_val_accuracy": result.final.top1 if result.final else None,
+        "final_val_top5": result.final.top5 if result.final else None,
+        "wall_seconds": seconds,
+        "stages": stages,
+        "epochs": len(result.history),
+    }
+
+
+# ---------------------------------------------------------------------- eval and predict
+
+
+def evaluate_checkpoint(
+    ckpt_path: str | Path,
+    data_source: str,
+    *,
+    split: str = "auto",
+    batch_size: int = 64,
+    tta: bool = False,
+    device: str = "auto",
+    strict: bool = False,
+) -> ClassReport:
+    """Evaluate a checkpoint on a data source's validation split (or every image of a folder)."""
+    net, ckpt = checkpoint.load_network(ckpt_path)
+    cfg = from_dict(RunConfig, ckpt["config"]) if "config" in ckpt else RunConfig()
+    dcfg = DataConfig(source=data_source, root=cfg.data.root, val_split=cfg.data.val_split,
+                      batch_size=batch_size, augment=False, strict=strict)
+    if split == "all" or (split == "auto" and Path(data_source).expanduser().is_dir()
+                          and not _has_split_folders(Path(data_source).expanduser())):
+        dataset = folder_dataset(data_source, strict=strict)
+    else:
+        bundle = build_data(dcfg, net.preprocessing, seed=cfg.train.seed)
+        dataset = bundle.val if split in ("auto", "val") else bundle.train
+    remap_targets(dataset, ckpt["classes"])
+    dataset.transform = build_transform(net.preprocessing, train=False, augment=False, kind=ckpt.get("kind", "photo"))
+    dev = pick_device(device)
+    net.to(dev)
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=None, seed=0)
+    return evaluate(net, loader, list(ckpt["classes"]), dev, progress=True, tta=tta)
+
+
+def _has_split_folders(folder: Path) -> bool:
+    return (folder / "train").is_dir()
+
+
+def remap_targets(dataset: Any, model_classes: Sequence[str]) -> None:
+    """Re-index a dataset's labels to the model's class order; its classes must be the model's."""
+    unknown = [c for c in dataset.classes if c not in model_classes]
+    if unknown:
+        raise HeadstartError(
+            f"the data has class(es) {unknown[:10]} that the checkpoint does not know; the checkpoint's "
+            f"classes are {list(model_classes)[:20]}"
+        )
+    index = {c: i for i, c in enumerate(model_classes)}
+    mapping = [index[c] for c in dataset.classes]
+    dataset.targets = [mapping[t] for t in dataset.targets]
+    dataset.classes = list(model_classes)
+
+
+@torch.no_grad()
+def predict(ckpt_path: str | Path, inputs: Sequence[str | Path], *, top_k: int = 5, device: str = "auto",
+            batch_size: int = 32) -> list[dict[str, Any]]:
+    """Classify image files (folders are searched); one dict per image with its top-k classes."""
+    net, ckpt = checkpoint.load_network(ckpt_path)
+    paths: list[Path] = []
+    for item in inputs:
+        paths += list_images(item)
+    classes = list(ckpt["classes"])
+    tf = build_transform(net.preprocessing, train=False, augment=False, kind=ckpt.get("kind", "photo"))
+    dev = pick_device(device)
+    net.to(dev).eval()
+    k = max(1, min(top_k, len(classes)))
+    out = []
+    for i in range(0, len(paths), batch_size):
+        chunk = paths[i : i + batch_size]
+        x = torch.stack([tf(_open(p)) for p in chunk]).to(dev)
+        probs = net(x).float().softmax(1).cpu()
+        conf, idx = probs.topk(k, dim=1)
+        for p, c, j in zip(chunk, conf.tolist(), idx.tolist()):
+            out.append({"file": str(p), "top": [{"class": classes[a], "probability": b} for a, b in zip(j, c)]})
+    return out
+
+
+def _open(path: Path) -> Any:
+    try:
+        return load_image(path)
+    except HeadstartError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds
+        raise HeadstartError(f"cannot read image {path}: {e}") from None
+
+
+__all__ = ["prepare", "train", "evaluate_checkpoint", "predict", "remap_targets", "describe_job", "to_dict"]

@@ -1,0 +1,257 @@
+"""The ``headstart`` command line: ``build_parser()``, ``main(argv) -> int``, ``entrypoint()``.
+
+Every training flag is a dotted key of :class:`~headstart.config.RunConfig` (the table
+``TRAIN_FLAGS`` below), so the CLI and the Python API share one config: ``--config run.yaml`` sets
+it, flags override it, and ``--set key=value`` reaches any field without a dedicated flag.
+User mistakes exit with status 2 and a one-line message (a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .config import RunConfig, apply_overrides, load_yaml
+from .errors import HeadstartError
+
+# flag, config key, argparse options, help
+TRAIN_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
+    ("--model", "model.name", {}, "backbone name (see `headstart models`)"),
+    ("--weights", "model.weights", {}, "DEFAULT, a weights name (IMAGENET1K_V1), none, or a file path"),
+    ("--input-size", "model.input_size", {"type": int}, "square input size in pixels (default: the weights')"),
+    ("--head", "head.kind", {"choices": ["replace", "linear", "mlp"]}, "new classifier: replace the final layer, "
+     "one linear layer, or an MLP"),
+    ("--hidden", "head.hidden", {}, "hidden sizes of an mlp head, comma-separated (512,256)"),
+    ("--dropout", "head.dropout", {"type": float}, "dropout in a linear/mlp head"),
+    ("--activation", "head.activation", {}, "activation of an mlp head (relu, gelu, silu, tanh)"),
+    ("--head-batchnorm", "head.batchnorm", {"action": "store_const", "const": True}, "batch norm in an mlp head"),
+    ("--data", "data.source", {}, "digits, cifar10, cifar100, or an image folder"),
+    ("--data-root", "data.root", {}, "cache folder for downloadable datasets"),
+    ("--val-split", "data.val_split", {"type": float}, "held-out fraction when the data has no val split"),
+    ("--batch-size", "data.batch_size", {"type": int}, "images per batch"),
+    ("--workers", "data.workers", {"type": int}, "data loading processes (default: chosen for the data)"),
+    ("--no-augment", "data.augment", {"action": "store_const", "const": False}, "turn train-time augmentation off"),
+    ("--strict", "data.strict", {"action": "store_const", "const": True}, "unreadable images are an error"),
+    ("--limit-train", "data.limit_train", {"type": int}, "use at most N training images"),
+    ("--limit-val", "data.limit_val", {"type": int}, "use at most N validation images"),
+    ("--freeze", "train.freeze", {}, "what the head stage freezes: body, none, K (first K groups) or patterns"),
+    ("--epochs", "train.epochs", {"type": int}, "epochs of the head stage"),
+    ("--lr", "train.lr", {"type": float}, "learning rate of the head stage"),
+    ("--optimizer", "train.optimizer", {"choices": ["adamw", "sgd"]}, "optimizer"),
+    ("--weight-decay", "train.weight_decay", {"type": float}, "weight decay (never on biases and norms)"),
+    ("--warmup", "train.warmup", {"type": float}, "fraction of each stage's steps spent warming up"),
+    ("--scheduler", "train.scheduler", {"choices": ["cosine", "onecycle", "constant"]}, "learning-rate schedule"),
+    ("--label-smoothing", "train.label_smoothing", {"type": float}, "label smoothing of the loss"),
+    ("--finetune-epochs", "train.finetune_epochs", {"type": int}, "epochs of the fine-tuning stage (0: none)"),
+    ("--finetune-unfreeze", "train.finetune_unfreeze", {}, "`all` or how many last depth groups fine-tuning unfreezes"),
+    ("--finetune-lr", "train.finetune_lr", {"type": float}, "base learning rate of fine-tuning"),
+    ("--layer-decay", "train.layer_decay", {"type": float}, "per-group learning-rate decay in fine-tuning"),
+    ("--schedule", "train.schedule", {"choices": ["two-phase", "gradual"]}, "the seed's two phases or gradual unfreezing"),
+    ("--patience", "train.patience", {"type": int}, "stop a stage after N epochs without improvement"),
+    ("--seed", "train.seed", {"type": int}, "random seed (a CPU run repeats exactly)"),
+    ("--device", "train.device", {}, "auto, cpu, cuda or cuda:N"),
+    ("--no-progress", "train.progress", {"action": "store_const", "const": False}, "no progress bars"),
+    ("--output", "output", {}, "folder for run folders"),
+    ("--name", "name", {}, "run folder name (default: time, model and data)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headstart", description="Transfer learning of image classifiers on PyTorch.")
+    p.add_argument("--version", action="version", version=f"headstart {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    m = sub.add_parser("models", help="list backbones with parameter counts and input sizes")
+    m.add_argument("pattern", nargs="?", default="*", help="glob or substring (resnet*, vit)")
+
+    i = sub.add_parser("inspect", help="show a model's body, head, depth groups and training plan")
+    i.add_argument("model")
+    i.add_argument("--num-classes", type=int, help="replace the head for N classes")
+    i.add_argument("--config", help="YAML run config whose schedule is shown")
+    _add_train_flags(i, skip={"--model", "--data", "--data-root", "--output", "--name"})
+
+    t = sub.add_parser("train", help="train a classifier (no flags: the embedded digits demo)")
+    t.add_argument("--config", help="YAML run config; flags override it")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
+    _add_train_flags(t)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint: top-1/5, per-class scores, confusion matrix")
+    e.add_argument("checkpoint", help="a .pt checkpoint or a run folder")
+    e.add_argument("--data", required=True, help="digits, cifar10, cifar100 or an image folder")
+    e.add_argument("--split", choices=["auto", "val", "train", "all"], default="auto",
+                   help="which images: auto = the val split, or all images of a plain class folder")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--strict", action="store_true", help="unreadable images are an error")
+    e.add_argument("--output", help="write the report (JSON) and confusion matrix (CSV) to this folder")
+
+    pr = sub.add_parser("predict", help="classify image files or folders with a checkpoint")
+    pr.add_argument("checkpoint")
+    pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    pr.add_argument("--device", default="auto")
+
+    w = sub.add_parser("weights", help="manage pretrained weights files for offline use")
+    wsub = w.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
+    wi = wsub.add_parser("import", help="check a downloaded file's hash and install it where torchvision looks")
+    wi.add_argument("file")
+    wi.add_argument("--force", action="store_true", help="replace a different file already installed")
+    wsub.add_parser("where", help="print the folder torchvision loads weights from")
+    return p
+
+
+def _add_train_flags(p: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+    g = p.add_argument_group("run config (each flag sets the config key in brackets)")
+    for flag, key, opts, help_ in TRAIN_FLAGS:
+        if flag not in skip:
+            g.add_argument(flag, dest=key, default=None, help=f"{help_} [{key}]", **opts)
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """The run config: defaults, then ``--config``, then flags, then ``--set`` overrides."""
+    cfg = load_yaml(args.config) if getattr(args, "config", None) else RunConfig()
+    overrides = {key: getattr(args, key) for _, key, _, _ in TRAIN_FLAGS if getattr(args, key, None) is not None}
+    for item in getattr(args, "set", []) or []:
+        if "=" not in item:
+            raise HeadstartError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v
+    return apply_overrides(cfg, overrides)
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .backbones import list_backbones
+
+    rows = list_backbones(args.pattern)
+    if not rows:
+        raise HeadstartError(f"no model matches {args.pattern!r}; run `headstart models` for the full list")
+    print(f"{'model':<24} {'parameters':>14}  {'input':>5}  {'source':<24} weights")
+    for r in rows:
+        params = f"{r.params:,}" if r.params else "?"
+        print(f"{r.name:<24} {params:>14}  {r.input_size:>5}  {r.source:<24} {', '.join(r.weights)}")
+    print(f"\n{len(rows)} model(s)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_model
+
+    args.__dict__["model.name"] = args.model
+    cfg = resolve_config(args)
+    if cfg.model.weights == RunConfig().model.weights and getattr(args, "model.weights") is None:
+        cfg.model.weights = "none"  # structure needs no download; --weights loads real ones
+    print(inspect_model(cfg, num_classes=args.num_classes))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import train
+
+    if args.resume:
+        train(RunConfig(), resume=args.resume)
+    else:
+        train(resolve_config(args))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import evaluate_checkpoint
+    from .metrics import format_report
+
+    report = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+                                 tta=args.tta, device=args.device, strict=args.strict)
+    print(format_report(report))
+    out = Path(args.output) if args.output else _default_eval_dir(args.checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report.to_dict(), indent=2))
+    with (out / "confusion_matrix.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *report.classes])
+        for c, row in zip(report.classes, report.confusion.tolist()):
+            w.writerow([c, *row])
+    print(f"\nsaved {out / 'eval.json'} and {out / 'confusion_matrix.csv'}")
+    return 0
+
+
+def _default_eval_dir(ckpt: str) -> Path:
+    p = Path(ckpt)
+    return (p if p.is_dir() else p.parent) / "eval"
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .api import predict
+
+    results = predict(args.checkpoint, args.inputs, top_k=args.top_k, device=args.device)
+    if args.format == "json":
+        print(json.dumps(results, indent=2))
+    elif args.format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["file", "rank", "class", "probability"])
+        for r in results:
+            for k, t in enumerate(r["top"], 1):
+                w.writerow([r["file"], k, t["class"], f"{t['probability']:.6f}"])
+        print(buf.getvalue(), end="")
+    else:
+        width = max(len(r["file"]) for r in results)
+        for r in results:
+            tops = "  ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
+            print(f"{r['file']:<{width}}  {tops}")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from .weights_store import hub_checkpoint_dir, import_weights_file
+
+    if args.weights_command == "where":
+        print(hub_checkpoint_dir())
+        return 0
+    path, member = import_weights_file(args.file, force=args.force)
+    model = member.url.rsplit("/", 1)[-1]
+    print(f"installed {path}\n  = torchvision {type(member).__name__}.{member.name} ({model}); "
+          f"--weights {member.name} (or DEFAULT where it is the default) now works offline")
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval,
+            "predict": cmd_predict, "weights": cmd_weights}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s",
+                        force=True)
+    if args.command is None:
+        args = parser.parse_args(["train", *(argv or [])])
+    try:
+        return COMMANDS[args.command](args)
+    except HeadstartError as e:
+        if args.debug:
+            raise
+        print(f"headstart: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("\nheadstart: interrupted; `headstart train --resume RUN_DIR` continues a run", file=sys.stderr)
+        return 130
+
+
+def entrypoint() -> None:
+    sys.exit(main())
