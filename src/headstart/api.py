@@ -34,9 +34,17 @@ from .network import Network
 from .runs import RunDir
 
 
+# The digits are 8x8 pixels: 64 px keeps every pretrained stage's receptive field meaningful at a
+# twelfth of 224 px's compute.
+DIGITS_INPUT_SIZE = 64
+
+
 def prepare(cfg: RunConfig) -> tuple[Network, Any]:
     """Build the network and the data a config describes, the head sized to the data's classes."""
-    net = build_network(cfg.model.name, cfg.model.weights, input_size=cfg.model.input_size)
+    size = cfg.model.input_size
+    if size is None and cfg.data.source == "digits":
+        size = DIGITS_INPUT_SIZE
+    net = build_network(cfg.model.name, cfg.model.weights, input_size=size)
     data = build_data(cfg.data, net.preprocessing, seed=cfg.train.seed)
     net.replace_head(len(data.classes), cfg.head)
     return net, data
@@ -75,12 +83,17 @@ def describe_job(net: Network, data: Any, cfg: RunConfig) -> str:
     pre = net.preprocessing
     counts = data.class_counts()
     return (
-        f"model: {net.name} ({net.source}, weights {cfg.model.weights}), {total:,} parameters, "
+        f"model: {net.name} ({net.source}, weights {_weights_text(cfg.model.weights, net.weights_name)}), "
+        f"{total:,} parameters, "
         f"input {pre.crop}px\n"
         f"data: {data.source}: {len(data.classes)} classes, {sum(counts['train'].values())} train / "
         f"{sum(counts['val'].values())} validation images\n"
         f"new classifier ({net.head_config.kind}):\n{net.head}"
     )
+
+
+def _weights_text(asked: str, loaded: str) -> str:
+    return asked if asked == loaded else f"{asked} = {loaded}"
 
 
 def summary(net: Network, data: Any, cfg: RunConfig, result: FitResult, seconds: float) -> dict[str, Any]:

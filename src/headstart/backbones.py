@@ -135,7 +135,9 @@ def _build_torchvision(name: str, weights: str, input_size: int | None) -> Netwo
         load_state_file(model, path, families.family_of(model))
     meta_from = member if member is not None else (enum.DEFAULT if path is not None else None)
     pre = Preprocessing.from_torchvision(meta_from, default_crop=Preprocessing.from_torchvision(enum.DEFAULT).crop)
-    return _wrap(model, name, pre, "torchvision")
+    net = _wrap(model, name, pre, "torchvision")
+    net.weights_name = member.name if member is not None else str(path) if path is not None else "none"
+    return net
 
 
 def _resolve_weights(name: str, spec: str, enum: Any) -> tuple[Any | None, Path | None]:
@@ -173,7 +175,7 @@ def _default_weights(name: str, enum: Any) -> Any:
         return enum.DEFAULT
     for w in enum:
         if local(w):
-            log.warning("%s: DEFAULT weights (%s) are not on this machine; using %s, which is. "
+            log.info("%s: DEFAULT weights (%s) are not on this machine; using %s, which is. "
                         "Name the weights to insist.", name, enum.DEFAULT.name, w.name)
             return w
     return enum.DEFAULT
@@ -319,7 +321,9 @@ def _build_timm(name: str, weights: str) -> Network:
         if not path.is_file():
             raise HeadstartError(f"weights for timm models are DEFAULT, none or a file path; {spec} is none of these")
         load_state_file(model, path)
-    return _wrap_timm(model, name, pre)
+    net = _wrap_timm(model, name, pre)
+    net.weights_name = "DEFAULT" if pretrained else spec
+    return net
 
 
 def _timm_preprocessing(model: nn.Module) -> Preprocessing:

@@ -58,6 +58,12 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("--seed", "train.seed", {"type": int}, "random seed (a CPU run repeats exactly)"),
     ("--device", "train.device", {}, "auto, cpu, cuda or cuda:N"),
     ("--no-progress", "train.progress", {"action": "store_const", "const": False}, "no progress bars"),
+    ("--finetune-bn", "train.finetune_bn", {"choices": ["frozen", "train", "eval-all"]},
+     "BatchNorm while fine-tuning (eval-all keeps pretrained statistics)"),
+    ("--no-cache", "cache.enabled", {"action": "store_const", "const": False},
+     "run the frozen body every epoch instead of caching its features"),
+    ("--cache-views", "cache.views", {"type": int}, "cached views per image (1: plain; more: augmented copies)"),
+    ("--cache-dir", "cache.dir", {}, "feature cache folder"),
     ("--output", "output", {}, "folder for run folders"),
     ("--name", "name", {}, "run folder name (default: time, model and data)"),
 ]
@@ -108,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     wi.add_argument("file")
     wi.add_argument("--force", action="store_true", help="replace a different file already installed")
     wsub.add_parser("where", help="print the folder torchvision loads weights from")
+
+    c = sub.add_parser("cache", help="show or remove cached features")
+    c.add_argument("action", choices=["info", "clear"])
+    c.add_argument("--dir", help="cache folder (default: $HEADSTART_CACHE or ~/.cache/headstart/features)")
     return p
 
 
@@ -227,8 +237,25 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import cache_entries, cache_root, clear_cache
+
+    root = cache_root(args.dir)
+    if args.action == "clear":
+        print(f"removed {clear_cache(root)} cache entr(ies) from {root}")
+        return 0
+    entries = cache_entries(root)
+    print(f"feature cache: {root}")
+    for e in entries:
+        print(f"  {e['key']}  {e['model']:<20} {e['images']:>7} images  {e['views']} view(s)  "
+              f"{e['bytes'] / 2**20:8.1f} MiB  {e['created']}  {e['source']}")
+    print(f"{len(entries)} entr(ies), {sum(e['bytes'] for e in entries) / 2**20:.1f} MiB")
+    return 0
+
+
 COMMANDS = {"models": cmd_models, "inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval,
-            "predict": cmd_predict, "weights": cmd_weights}
+            "predict": cmd_predict, "weights": cmd_weights,
+            "cache": cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,7 +36,8 @@ class ModelConfig:
     # ``DEFAULT``, a named weights entry (``IMAGENET1K_V1``), ``none`` for random weights, or a
     # path to a local state-dict file (.pth, .pt, .safetensors).
     weights: str = "DEFAULT"
-    # Square input size fed to the network; None means the weights' own crop size.
+    # Square input size fed to the network; None means the weights' own crop size (64 px for
+    # the 8x8 digits, where 224 px would cost 12x the compute for nothing).
     input_size: int | None = None
 
 
@@ -105,7 +106,7 @@ class TrainConfig:
 
     # What the first (head) stage freezes: body, none, first:K or name patterns.
     freeze: str = "body"
-    epochs: int = 3
+    epochs: int = 5
     lr: float = 1e-3
     optimizer: str = "adamw"
     weight_decay: float = 0.01
@@ -118,7 +119,11 @@ class TrainConfig:
     finetune_epochs: int = 0
     # ``all`` or the number of last depth groups unfrozen for fine-tuning.
     finetune_unfreeze: str = "all"
-    finetune_lr: float = 1e-4
+    finetune_lr: float = 3e-4
+    # BatchNorm while fine-tuning. ``eval-all`` keeps the pretrained statistics (scales and shifts
+    # still train): on the digits demo it reached 97.2% against 92.5% with batch statistics,
+    # whose switch from ImageNet to digit statistics first knocked accuracy down to 56%.
+    finetune_bn: str = "eval-all"
     # Discriminative rates in the fine-tuning stage (see StageConfig.layer_decay).
     layer_decay: float = 1.0
     # ``two-phase`` (the seed's) or ``gradual`` (one more depth group per epoch, deepest first).
@@ -135,6 +140,18 @@ class TrainConfig:
 
 
 @dataclass
+class CacheConfig:
+    """Cached features of a frozen body (see :mod:`headstart.cache`)."""
+
+    # Compute a fully frozen body's features once and train the head from them.
+    enabled: bool = True
+    # Where entries live; None means $HEADSTART_CACHE or ~/.cache/headstart/features.
+    dir: str | None = None
+    # View 0 is the plain image; views 1..K-1 are augmented copies, cycled through by epoch.
+    views: int = 1
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; saved as ``config.yaml`` in the run folder."""
 
@@ -142,6 +159,7 @@ class RunConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     # Runs are written to ``output/name``; name None means a fresh timestamped name.
     output: str = "runs"
     name: str | None = None

@@ -80,14 +80,20 @@ def train_one_epoch(
     progress: bool = True,
     desc: str = "train",
     on_step: Callable[[torch.optim.Optimizer], None] | None = None,
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None,
 ) -> EpochStats:
-    """One pass over ``loader``, stepping the optimizer and the per-step schedule."""
+    """One pass over ``loader``, stepping the optimizer and the per-step schedule.
+
+    ``forward`` maps a batch to (logits, aux logits); the default runs the whole network, the
+    feature cache passes one that runs only the head on stored features.
+    """
+    forward = forward or net.forward_train
     net.train()
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     bar = Progress(loader, len(loader), desc, enabled=progress)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits, aux = net.forward_train(x)
+        logits, aux = forward(x)
         loss = loss_fn(logits, y)
         for a in aux:
             loss = loss + AUX_WEIGHT * loss_fn(a, y)
@@ -123,7 +129,7 @@ def predict_logits(net: nn.Module, loader: DataLoader, device: torch.device, pro
     return torch.cat(outs), torch.cat(targets)
 
 
-def evaluate(net: Network, loader: DataLoader, classes: list[str], device: torch.device,
+def evaluate(net: nn.Module, loader: DataLoader, classes: list[str], device: torch.device,
              progress: bool = False, tta: bool = False) -> ClassReport:
     logits, targets = predict_logits(net, loader, device, progress, tta)
     return class_report(logits, targets, classes)
@@ -132,13 +138,66 @@ def evaluate(net: Network, loader: DataLoader, classes: list[str], device: torch
 # ---------------------------------------------------------------------- fit
 
 
-def _epoch_loader(data: DataBundle, cfg: RunConfig, epoch_seed: int) -> DataLoader:
+def _epoch_loader(dataset: Any, cfg: RunConfig, epoch_seed: int, workers: int | None) -> DataLoader:
     # The order of each epoch comes from its own generator, so epoch k's batches are the same
     # whether the run started at epoch 0 or resumed at epoch k.
     gen = torch.Generator().manual_seed(epoch_seed)
-    sampler = RandomSampler(data.train, generator=gen)
-    return make_loader(data.train, batch_size=cfg.data.batch_size, shuffle=False, workers=cfg.data.workers,
-                       seed=epoch_seed, sampler=sampler, drop_last=len(data.train) > cfg.data.batch_size)
+    sampler = RandomSampler(dataset, generator=gen)
+    return make_loader(dataset, batch_size=cfg.data.batch_size, shuffle=False, workers=workers,
+                       seed=epoch_seed, sampler=sampler, drop_last=len(dataset) > cfg.data.batch_size)
+
+
+class StageInputs:
+    """What a stage trains and validates on: images through the whole network, or cached features.
+
+    The cache is used while the whole body is frozen (and no auxiliary head trains): the body is
+    then a fixed function, run once per view instead of once per epoch.
+    """
+
+    def __init__(self, net: Network, data: DataBundle, cfg: RunConfig, device: torch.device,
+                 say: Callable[[str], None]) -> None:
+        self.net, self.data, self.cfg, self.device = net, data, cfg, device
+        body_frozen = not any(p.requires_grad for p in net.body.parameters())
+        self.cached = cfg.cache.enabled and body_frozen
+        self.views: dict[int, Any] = {}
+        self.body_fp = ""
+        if self.cached:
+            from .cache import body_fingerprint, cache_root
+
+            self.body_fp, self.root = body_fingerprint(net), cache_root(cfg.cache.dir)
+            start = time.perf_counter()
+            self.val = self._features(data.val, 0, "features val")
+            self.train_view(0)
+            say(f"   features cached in {time.perf_counter() - start:.1f}s: the frozen body runs once, "
+                f"not every epoch ({self.root})")
+            self.workers: int | None = 0
+        else:
+            self.val, self.workers = data.val, cfg.data.workers
+
+    def _features(self, ds: Any, view: int, desc: str) -> Any:
+        from .cache import cached_features
+
+        return cached_features(self.net, ds, body_fp=self.body_fp, kind=self.data.kind, view=view,
+                               seed=self.cfg.train.seed, root=self.root, batch_size=self.cfg.data.batch_size * 2,
+                               device=self.device, progress=self.cfg.train.progress, desc=desc)
+
+    def train_view(self, epoch: int) -> Any:
+        if not self.cached:
+            return self.data.train
+        view = epoch % max(1, self.cfg.cache.views)
+        if view not in self.views:
+            self.views[view] = self._features(self.data.train, view, f"features train view {view}")
+        return self.views[view]
+
+    def forward(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None:
+        return (lambda f: (self.net.head(f), [])) if self.cached else None
+
+    def eval_model(self) -> nn.Module:
+        return self.net.head if self.cached else self.net
+
+    def val_loader(self) -> DataLoader:
+        return make_loader(self.val, batch_size=self.cfg.data.batch_size * 2, shuffle=False,
+                           workers=self.workers, seed=self.cfg.train.seed)
 
 
 def _group_lrs(opt: torch.optim.Optimizer) -> dict[str, float]:
@@ -168,16 +227,17 @@ def fit(
     net.to(device)
     stages = resolve_stages(tc, net)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-    val_loader = make_loader(data.val, batch_size=cfg.data.batch_size * 2, shuffle=False,
-                             workers=cfg.data.workers, seed=tc.seed)
     state = _initial_state(resume)
+    final: ClassReport | None = None
     start = time.perf_counter() - state["seconds"]
     for si, stage in enumerate(stages):
         if si < state["stage"]:
             continue
         apply_stage(net, stage)
+        _announce_stage(net, stage, si, len(stages), say)
+        inputs = StageInputs(net, data, cfg, device, say)
         opt = build_optimizer(net, stage, tc)
-        steps = len(_epoch_loader(data, cfg, 0))
+        steps = len(_epoch_loader(data.train, cfg, 0, 0))
         sched = build_scheduler(opt, steps * stage.epochs, tc)
         first_epoch = 0
         if si == state["stage"] and state["optimizer"] is not None:
@@ -186,11 +246,10 @@ def fit(
             first_epoch = state["epoch"]
         elif si > 0 or resume is None:
             state["bad_epochs"] = 0
-        _announce_stage(net, stage, si, len(stages), say)
         for epoch in range(first_epoch, stage.epochs):
             if state["stopped"]:
                 break
-            row = _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, val_loader, device, state)
+            row, final = _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, inputs, device, state)
             state["history"].append(row)
             state["seconds"] = time.perf_counter() - start
             say(_epoch_line(row, stage))
@@ -198,7 +257,9 @@ def fit(
             if run is not None:
                 _save_epoch(run, net, data, cfg, state, si, epoch + 1, opt, sched, row)
         state.update(stage=si + 1, epoch=0, optimizer=None, stopped=False, bad_epochs=0)
-    final = evaluate(net, val_loader, data.classes, device)
+    if final is None:  # nothing trained (a resumed, finished run): evaluate once
+        final = evaluate(net, make_loader(data.val, batch_size=cfg.data.batch_size * 2, shuffle=False,
+                                          workers=cfg.data.workers, seed=tc.seed), data.classes, device)
     return FitResult(state["best"], final, state["history"], run.path if run else None, time.perf_counter() - start)
 
 
@@ -211,21 +272,23 @@ def _initial_state(resume: dict[str, Any] | None) -> dict[str, Any]:
     return ts
 
 
-def _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, val_loader, device, state) -> dict[str, Any]:
+def _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, inputs, device, state
+               ) -> tuple[dict[str, Any], ClassReport]:
     tc = cfg.train
     epoch_seed = tc.seed * 100_003 + state["global_epoch"]
+    train_set = inputs.train_view(epoch)  # may extract an augmented view: before seeding
     seed_everything(epoch_seed)  # augmentation and dropout draws of this epoch
-    loader = _epoch_loader(data, cfg, epoch_seed)
+    loader = _epoch_loader(train_set, cfg, epoch_seed, inputs.workers)
     lrs = _group_lrs(opt)
     desc = f"{stage.name} {epoch + 1}/{stage.epochs}"
-    tr = train_one_epoch(net, loader, opt, sched, loss_fn, device, tc.progress, desc)
-    report = evaluate(net, val_loader, data.classes, device)
+    tr = train_one_epoch(net, loader, opt, sched, loss_fn, device, tc.progress, desc, forward=inputs.forward())
+    report = evaluate(inputs.eval_model(), inputs.val_loader(), data.classes, device)
     state["global_epoch"] += 1
     return {
         "stage": stage.name, "stage_index": si, "epoch": epoch + 1, "global_epoch": state["global_epoch"],
         "train_loss": tr.loss, "train_acc": tr.accuracy, "val_loss": report.loss, "val_acc": report.top1,
         "val_top5": report.top5, "seconds": tr.seconds, "images_per_s": tr.images_per_s, "lrs": lrs,
-    }
+    }, report
 
 
 def _track_best(state: dict[str, Any], row: dict[str, Any], patience: int | None) -> None:

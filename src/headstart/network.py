@@ -76,6 +76,8 @@ class Network(nn.Module):
         self._pretrained_head = [copy.deepcopy(head)]
         # What BatchNorm and frozen groups do in train mode; see ``freeze.apply_train_mode``.
         self.bn_policy = "frozen"
+        # Which weights were loaded, as a user would name them (set by the builder).
+        self.weights_name = "none"
 
     # ------------------------------------------------------------------ forward
 

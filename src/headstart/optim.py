@@ -41,7 +41,8 @@ def resolve_stages(cfg: TrainConfig, net: Network) -> list[StageConfig]:
         # ULMFiT-style: one more depth group joins every epoch, deepest first.
         for k in range(1, len(net.groups) + 1):
             name = f"unfreeze-{net.groups[-k].name}"
-            stages.append(StageConfig(name=name, epochs=1, freeze=unfreeze_last(net, k), lr=cfg.finetune_lr))
+            stages.append(StageConfig(name=name, epochs=1, freeze=unfreeze_last(net, k), lr=cfg.finetune_lr,
+                                      bn=cfg.finetune_bn))
     elif cfg.schedule != "two-phase":
         raise HeadstartError(f"unknown schedule {cfg.schedule!r}: use two-phase or gradual (or list stages)")
     if cfg.finetune_epochs > 0:
@@ -52,6 +53,7 @@ def resolve_stages(cfg: TrainConfig, net: Network) -> list[StageConfig]:
                 freeze=unfreeze_last(net, cfg.finetune_unfreeze),
                 lr=cfg.finetune_lr,
                 layer_decay=cfg.layer_decay,
+                bn=cfg.finetune_bn,
             )
         )
     return [s for s in stages if s.epochs > 0]

@@ -1,0 +1,195 @@
+"""Cached features: run a frozen body once, not once per epoch.
+
+While the whole body is frozen (the seed's first phase), its output for an image never changes, so
+headstart computes it once, in inference mode and in batches, stores it on disk as a memory-mapped
+``.npy`` file (data larger than RAM works), and trains the head from the stored tensors.
+
+A cache entry is keyed by everything that changes the features: the body's weights (hashed from
+the tensors themselves, so a local file, a named weights entry and a random initialisation are
+all told apart), the preprocessing, the transform, and the images (file paths, sizes and
+modification times, or the bytes of in-memory arrays). View 0 is the plain evaluation view;
+with ``cache.views = K > 1`` views 1..K-1 are augmented copies and epoch e trains on view e mod K.
+A file is written under a temporary name and renamed; ``meta.json`` is written last, so an entry
+from an interrupted run is never read as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .data import build_transform, make_loader
+from .network import Network
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+DEFAULT_DIR = "~/.cache/headstart/features"
+
+
+def cache_root(path: str | None = None) -> Path:
+    return Path(os.path.expanduser(path or os.environ.get("HEADSTART_CACHE", DEFAULT_DIR)))
+
+
+class FeatureDataset(Dataset):
+    """Stored features with their labels; items are ``(feature tensor, label)``."""
+
+    in_memory = True  # reads are page-cache hits: worker processes would only add start-up time
+
+    def __init__(self, path: Path, targets: list[int]) -> None:
+        self.path, self.targets = path, list(targets)
+        self.features = np.load(path, mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(np.array(self.features[i])), self.targets[i]
+
+    def __getstate__(self) -> dict[str, Any]:  # memmaps are reopened in worker processes
+        return {"path": self.path, "targets": self.targets}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["targets"])
+
+
+def body_fingerprint(net: Network) -> str:
+    """sha256 over the body's parameters and buffers (names, shapes, bytes)."""
+    h = hashlib.sha256(net.name.encode())
+    for name, t in net.body.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def dataset_fingerprint(ds: Any) -> str:
+    """sha256 of what the dataset holds: file paths with sizes and times, or array bytes."""
+    h = hashlib.sha256(type(ds).__name__.encode())
+    if hasattr(ds, "paths"):
+        for p in ds.paths:
+            st = os.stat(p)
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+    elif hasattr(ds, "images"):
+        h.update(np.ascontiguousarray(ds.images).tobytes())
+    else:
+        h.update("\n".join(ds.describe(i) for i in range(len(ds))).encode())
+    h.update(json.dumps(list(ds.targets)).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class FeatureCache:
+    """Features of one body on one dataset split, one file per view."""
+
+    root: Path
+    key: str
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.key
+
+    def file(self, view: int) -> Path:
+        return self.folder / f"view{view}.npy"
+
+    def complete(self, view: int) -> bool:
+        meta = self.folder / f"view{view}.json"
+        return meta.exists() and self.file(view).exists()
+
+
+def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_seed: int) -> str:
+    """The cache key of ``ds``'s features through a body (``body_fp``; view > 0: augmented)."""
+    parts = {
+        "body": body_fp,
+        "data": dataset_fingerprint(ds),
+        "pre": net.preprocessing.to_dict() | {"categories": None},
+        "kind": kind,
+        "transform": repr(build_transform(net.preprocessing, train=view > 0, augment=view > 0, kind=kind)),
+        "seed": augment_seed if view > 0 else None,
+        "format": 1,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@torch.inference_mode()
+def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.device, view_seed: int | None,
+            progress: bool, desc: str) -> None:
+    """Run the body over ``ds`` once and write its outputs to ``out`` (.npy, atomically)."""
+    net.eval()
+    loader = make_loader(ds, batch_size=batch_size, shuffle=False, workers=None, seed=view_seed or 0)
+    if view_seed is not None:
+        torch.manual_seed(view_seed)  # augmented views are reproducible
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    mm = None
+    bar = Progress(loader, len(loader), desc, enabled=progress)
+    at = 0
+    try:
+        for x, _ in bar:
+            f = net.features(x.to(device)).float().cpu().numpy()
+            if mm is None:
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ds), *f.shape[1:]))
+            mm[at : at + len(f)] = f
+            at += len(f)
+            bar.update(len(f))
+        mm.flush()
+        del mm
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int, seed: int, root: Path,
+                    batch_size: int, device: torch.device, progress: bool, desc: str) -> FeatureDataset:
+    """The features of ``ds`` for ``view``, computed now unless a complete cache entry exists."""
+    key = make_key(net, body_fp, ds, kind, view, seed)
+    cache = FeatureCache(root, key)
+    if not cache.complete(view):
+        cache.folder.mkdir(parents=True, exist_ok=True)
+        saved = ds.transform
+        ds.transform = build_transform(net.preprocessing, train=view > 0, augment=view > 0, kind=kind)
+        start = time.perf_counter()
+        try:
+            extract(net, ds, cache.file(view), batch_size=batch_size, device=device,
+                    view_seed=seed * 1009 + view if view > 0 else None, progress=progress, desc=desc)
+        finally:
+            ds.transform = saved
+        meta = {"images": len(ds), "model": net.name, "view": view, "seconds": time.perf_counter() - start,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S"), "source": desc}
+        (cache.folder / f"view{view}.json").write_text(json.dumps(meta))
+    return FeatureDataset(cache.file(view), list(ds.targets))
+
+
+# ---------------------------------------------------------------------- headstart cache info|clear
+
+
+def cache_entries(root: Path) -> list[dict[str, Any]]:
+    """One dict per cache entry folder: key, views, size in bytes, what it holds."""
+    out = []
+    if not root.exists():
+        return out
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        metas = [json.loads(m.read_text()) for m in sorted(folder.glob("view*.json"))]
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        out.append({"key": folder.name, "views": len(metas), "bytes": size,
+                    "model": metas[0]["model"] if metas else "?", "images": metas[0]["images"] if metas else 0,
+                    "source": metas[0].get("source", "?") if metas else "incomplete",
+                    "created": metas[0].get("created", "?") if metas else "?"})
+    return out
+
+
+def clear_cache(root: Path) -> int:
+    """Remove every cache entry under ``root``; returns how many were removed."""
+    entries = cache_entries(root)
+    for e in entries:
+        shutil.rmtree(root / e["key"], ignore_errors=True)
+    return len(entries)
