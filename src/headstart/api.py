@@ -26,7 +26,7 @@ from . import checkpoint
 from .backbones import build_network
 from .config import DataConfig, RunConfig, from_dict, to_dict
 from .data import build_data, build_transform, folder_dataset, list_images, load_image, make_loader
-from .engine import FitResult, evaluate, fit, pick_device
+from .engine import FitResult, evaluate, fit, pick_device, seed_everything
 from .errors import HeadstartError
 from .freeze import count_params
 from .metrics import ClassReport
@@ -41,6 +41,7 @@ DIGITS_INPUT_SIZE = 64
 
 def prepare(cfg: RunConfig) -> tuple[Network, Any]:
     """Build the network and the data a config describes, the head sized to the data's classes."""
+    seed_everything(cfg.train.seed)  # random initialisation and the new head's weights repeat
     size = cfg.model.input_size
     if size is None and cfg.data.source == "digits":
         size = DIGITS_INPUT_SIZE
@@ -79,17 +80,23 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
 
 
 def describe_job(net: Network, data: Any, cfg: RunConfig) -> str:
+    """The seed's first steps, as text: the model loaded, its body and head, the new classifier."""
+    from .inspect import group_table
+
     total, _ = count_params(net)
     pre = net.preprocessing
     counts = data.class_counts()
-    return (
-        f"model: {net.name} ({net.source}, weights {_weights_text(cfg.model.weights, net.weights_name)}), "
-        f"{total:,} parameters, "
-        f"input {pre.crop}px\n"
-        f"data: {data.source}: {len(data.classes)} classes, {sum(counts['train'].values())} train / "
-        f"{sum(counts['val'].values())} validation images\n"
-        f"new classifier ({net.head_config.kind}):\n{net.head}"
-    )
+    body = ", ".join(n for n, m in net.body.named_children() if not isinstance(m, torch.nn.Identity))
+    return "\n".join([
+        f"== 1. load: {net.name} ({net.source}, weights {_weights_text(cfg.model.weights, net.weights_name)}), "
+        f"{total:,} parameters, input {pre.crop}px",
+        f"== 2. understand: body (feature extractor) = {body}; head (classifier) = the new classifier below",
+        group_table(net),
+        f"== data: {data.source}: {len(data.classes)} classes, {sum(counts['train'].values())} train / "
+        f"{sum(counts['val'].values())} validation images",
+        f"== 3. new classifier for {len(data.classes)} classes ({net.head_config.kind}):",
+        str(net.head),
+    ])
 
 
 def _weights_text(asked: str, loaded: str) -> str:
