@@ -68,7 +68,13 @@ def read(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a torn or foreign file, whatever the reason
-        raise HeadstartError(f"cannot read checkpoint {path}: {e}") from None
+        # torch's own message runs to many lines and suggests weights_only=False, which would be
+        # unsafe advice for a file of unknown origin; keep its first line.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HeadstartError(
+            f"cannot read checkpoint {path}: not a readable headstart checkpoint (truncated, corrupt or "
+            f"not a torch file; {first[:200]})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise HeadstartError(f"{path} is not a headstart checkpoint (it has no '{FORMAT}' record)")
     return ckpt

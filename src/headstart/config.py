@@ -241,7 +241,10 @@ def load_yaml(path: str | Path) -> RunConfig:
     except FileNotFoundError:
         raise HeadstartError(f"config file {p} does not exist") from None
     except yaml.YAMLError as e:
-        raise HeadstartError(f"config file {p} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise HeadstartError(f"config file {p} is not valid YAML{where}: {problem}") from None
     return from_dict(RunConfig, data)
 
 

@@ -238,6 +238,10 @@ def fit(
     state = _initial_state(resume)
     final: ClassReport | None = None
     start = time.perf_counter() - state["seconds"]
+    if resume is not None and state["stage"] < len(stages) and (
+        state["stopped"] or state["epoch"] >= stages[state["stage"]].epochs
+    ):
+        _next_stage(state, state["stage"])  # it was saved after its stage's last epoch
     for si, stage in enumerate(stages):
         if si < state["stage"]:
             continue
@@ -247,16 +251,10 @@ def fit(
         opt = build_optimizer(net, stage, tc)
         steps = len(_epoch_loader(data.train, cfg, 0, 0))
         sched = build_scheduler(opt, steps * stage.epochs, tc)
-        first_epoch = 0
-        if si == state["stage"] and state["optimizer"] is not None:
+        if state["optimizer"] is not None:  # resuming mid-stage
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            first_epoch = state["epoch"]
-        elif si > 0 or resume is None:
-            state["bad_epochs"] = 0
-        for epoch in range(first_epoch, stage.epochs):
-            if state["stopped"]:
-                break
+        for epoch in range(state["epoch"], stage.epochs):
             row, final = _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, inputs, device, state)
             state["history"].append(row)
             state["seconds"] = time.perf_counter() - start
@@ -264,11 +262,18 @@ def fit(
             _track_best(state, row, tc.patience)
             if run is not None:
                 _save_epoch(run, net, data, cfg, state, si, epoch + 1, opt, sched, row)
-        state.update(stage=si + 1, epoch=0, optimizer=None, stopped=False, bad_epochs=0)
+            if state["stopped"]:
+                say(f"   early stop: no improvement for {tc.patience} epoch(s)")
+                break
+        _next_stage(state, si)
     if final is None:  # nothing trained (a resumed, finished run): evaluate once
         final = evaluate(net, make_loader(data.val, batch_size=cfg.data.batch_size * 2, shuffle=False,
                                           workers=cfg.data.workers, seed=tc.seed), data.classes, device)
     return FitResult(state["best"], final, state["history"], run.path if run else None, time.perf_counter() - start)
+
+
+def _next_stage(state: dict[str, Any], si: int) -> None:
+    state.update(stage=si + 1, epoch=0, optimizer=None, scheduler=None, stopped=False, bad_epochs=0)
 
 
 def _initial_state(resume: dict[str, Any] | None) -> dict[str, Any]:

@@ -41,6 +41,8 @@ class Prediction:
     predicted: str
     confidence: float
     true_probability: float
+    runner_up: str = ""  # the most probable class after ``predicted``
+    runner_up_probability: float = 0.0
 
     @property
     def correct(self) -> bool:
@@ -92,6 +94,9 @@ class Interpretation:
 
     def prediction(self, i: int) -> Prediction:
         t, p = int(self.targets[i]), int(self.preds[i])
+        others = self.probs[i].clone()
+        others[p] = -1.0
+        r = int(others.argmax()) if len(others) > 1 else p
         return Prediction(
             index=i,
             description=self.describe[i] if i < len(self.describe) else str(i),
@@ -99,6 +104,8 @@ class Interpretation:
             predicted=self.classes[p],
             confidence=float(self.probs[i, p]),
             true_probability=float(self.probs[i, t]),
+            runner_up=self.classes[r] if r != p else "",
+            runner_up_probability=float(self.probs[i, r]) if r != p else 0.0,
         )
 
     def image(self, i: int) -> Image.Image:
@@ -226,4 +233,4 @@ def _loader(dataset: Any, batch_size: int) -> Any:
     return make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, seed=0)
 
 
-__all__ = ["Interpretation", "Prediction", "ClassScore", "interpret"]
+__all__ = ["ClassScore", "Interpretation", "Prediction", "interpret"]

@@ -1,0 +1,366 @@
+"""Tests for headstart.engine / optim / metrics: the training loop, schedules, parameter groups,
+early stopping, determinism, frozen bodies and the classification report.
+
+Everything uses random-weight models at 32 px on 64 bundled digits; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from headstart import checkpoint, engine
+from headstart.api import prepare
+from headstart.backbones import build_network
+from headstart.cli import main
+from headstart.config import RunConfig, StageConfig, TrainConfig, apply_overrides
+from headstart.errors import HeadstartError
+from headstart.freeze import trainable_state
+from headstart.metrics import class_report, format_report, topk_correct
+from headstart.optim import apply_stage, build_optimizer, lr_factor, param_groups, resolve_stages
+from headstart.runs import RunDir
+
+RESNET18_GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    # The CPUs are shared: one intra-op thread avoids oversubscription stalls (10x slower steps).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "feature-cache"))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # main() reconfigures logging (force=True)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(tmp_path: Path, **overrides) -> RunConfig:
+    base = {
+        "model.name": "resnet18", "model.weights": "none", "model.input_size": 32,
+        "data.source": "digits", "data.limit_train": 64, "data.limit_val": 32, "data.batch_size": 16,
+        "train.epochs": 1, "train.progress": False, "train.device": "cpu",
+        "cache.dir": str(tmp_path / "cache"), "output": str(tmp_path / "runs"), "name": "run",
+    }
+    return apply_overrides(RunConfig(), base | overrides)
+
+
+def train_argv(out: Path, name: str, *extra: str, model: str = "resnet18") -> list[str]:
+    return ["train", "--model", model, "--weights", "none", "--input-size", "32", "--data", "digits",
+            "--limit-train", "64", "--limit-val", "32", "--batch-size", "16", "--epochs", "1",
+            "--no-progress", "--device", "cpu", "--output", str(out), "--name", name,
+            "--set", f"cache.dir={out / 'cache'}", *extra]
+
+
+def spy_steps(monkeypatch) -> list[dict]:
+    """Record, at every optimizer step inside ``fit``, the stage, the optimizer and each group's lr."""
+    records: list[dict] = []
+    real = engine.train_one_epoch
+
+    def spy(*args, **kwargs):
+        desc = kwargs.get("desc", args[7] if len(args) > 7 else "")
+        loss_fn = args[4]
+
+        def on_step(opt):
+            groups = [(g["name"], g["lr"], g["weight_decay"]) for g in opt.param_groups]
+            records.append({"stage": desc.split()[0], "opt": opt, "loss_fn": loss_fn, "groups": groups})
+
+        kwargs["on_step"] = on_step
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", spy)
+    return records
+
+
+def lrs_by_group(record: dict) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, lr, _ in record["groups"]:
+        assert out.setdefault(name, lr) == lr  # decay and no-decay halves of a group share a rate
+    return out
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def test_class_report_on_a_hand_made_example():
+    classes = ["a", "b", "c", "d"]
+    targets = torch.tensor([0, 0, 0, 1, 1, 2])
+    preds = [0, 0, 1, 1, 2, 2]  # d never occurs and is never predicted
+    logits = torch.full((6, 4), -5.0)
+    for i, p in enumerate(preds):
+        logits[i, p] = 5.0
+        logits[i, 3] = 1.0  # second choice everywhere: d
+    logits[2, 0] = 0.0  # sample 2 (true a, predicted b): a is only its third choice
+    r = class_report(logits, targets, classes)
+    assert r.confusion.tolist() == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert r.top1 == pytest.approx(4 / 6)
+    assert r.top5 == 1.0  # capped at 4 classes: always right
+    assert r.precision == pytest.approx([1.0, 0.5, 0.5, 0.0])
+    assert r.recall == pytest.approx([2 / 3, 0.5, 1.0, 0.0])
+    assert r.f1 == pytest.approx([0.8, 0.5, 2 / 3, 0.0])
+    assert r.support == [3, 2, 1, 0]
+    assert r.loss == pytest.approx(float(F.cross_entropy(logits, targets)))
+    assert topk_correct(logits, targets, 2) == 4  # the second choice (d) never helps
+    assert topk_correct(logits, targets, 4) == 6
+    d = r.to_dict()
+    assert d["per_class"][1] == {"class": "b", "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    text = format_report(r)
+    assert "top-1 66.67%" in text and "confusion matrix" in text
+    assert all(not math.isnan(v) for v in r.precision + r.recall + r.f1)
+
+
+def test_class_report_uniform_logits_loss_is_log_n():
+    r = class_report(torch.zeros(4, 5), torch.tensor([0, 1, 2, 3]), list("abcde"))
+    assert r.loss == pytest.approx(math.log(5))
+
+
+# ---------------------------------------------------------------------- parameter groups
+
+
+def test_param_groups_no_decay_on_1d_and_only_trainable_params():
+    net = build_network("resnet18", "none", num_classes=3)
+    stage = StageConfig(name="s", epochs=1, freeze="first:2", lr=1e-3)
+    apply_stage(net, stage)
+    groups = param_groups(net, stage, base_lr=1e-3, weight_decay=0.05)
+    seen = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in net.parameters() if p.requires_grad]
+    assert sorted(seen) == sorted(trainable) and len(seen) == len(set(seen))
+    assert {g["name"] for g in groups} == {"layer2", "layer3", "layer4", "head"}
+    for g in groups:
+        if g["weight_decay"] > 0:
+            assert g["weight_decay"] == 0.05 and all(p.ndim > 1 for p in g["params"])
+        else:
+            assert all(p.ndim <= 1 for p in g["params"])
+    no_decay = sum(p.numel() for g in groups if g["weight_decay"] == 0 for p in g["params"])
+    assert no_decay > 0  # biases and BatchNorm weights are there, without decay
+    fc_bias = net.head.bias
+    assert any(fc_bias is p for g in groups if g["weight_decay"] == 0 for p in g["params"])
+
+
+def test_layer_decay_rates_decrease_geometrically():
+    net = build_network("resnet18", "none", num_classes=3)
+    stage = StageConfig(name="ft", epochs=1, freeze="none", lr=1e-3, layer_decay=0.5)
+    apply_stage(net, stage)
+    rates = {g["name"]: g["lr"] for g in param_groups(net, stage, base_lr=1e-3, weight_decay=0.01)}
+    order = [*RESNET18_GROUPS, "head"]
+    assert list(rates) == order
+    assert rates["head"] == pytest.approx(1e-3)
+    for deeper, shallower in zip(order[1:], order[:-1]):
+        assert rates[shallower] == pytest.approx(rates[deeper] * 0.5)
+    assert rates["stem"] == pytest.approx(1e-3 * 0.5**5)
+    opt = build_optimizer(net, stage, TrainConfig(weight_decay=0.01))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == rates
+
+
+def test_lr_mult_naming_an_unknown_group_is_an_error():
+    net = build_network("resnet18", "none", num_classes=3)
+    stage = StageConfig(name="s", epochs=1, freeze="none", lr=1e-3, lr_mult={"layer9": 2.0})
+    with pytest.raises(HeadstartError, match="layer9"):
+        param_groups(net, stage, 1e-3, 0.0)
+
+
+def test_gradual_schedule_unfreezes_one_group_per_stage_deepest_first():
+    net = build_network("resnet18", "none", num_classes=3)
+    tc = TrainConfig(schedule="gradual", epochs=2, finetune_epochs=1, finetune_lr=3e-4)
+    stages = resolve_stages(tc, net)
+    unfreeze = [f"unfreeze-{g}" for g in reversed(RESNET18_GROUPS)]
+    assert [s.name for s in stages] == ["head", *unfreeze, "finetune"]
+    assert [s.epochs for s in stages] == [2, 1, 1, 1, 1, 1, 1]
+    assert all(s.lr == 3e-4 for s in stages[1:])
+    for k, stage in enumerate(stages[:-1]):
+        apply_stage(net, stage)
+        states = trainable_state(net)
+        assert states["head"] == "trainable"
+        live = [g for g in RESNET18_GROUPS if states[g] == "trainable"]
+        assert live == RESNET18_GROUPS[len(RESNET18_GROUPS) - k:]
+        assert all(states[g] == "frozen" for g in RESNET18_GROUPS if g not in live)
+    with pytest.raises(HeadstartError, match="unknown schedule"):
+        resolve_stages(TrainConfig(schedule="sometimes"), net)
+
+
+def test_lr_factor_shapes():
+    # cosine: linear warmup to 1, then down to 0
+    f = [lr_factor(s, 10, 0.2, "cosine") for s in range(10)]
+    assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert all(a > b for a, b in zip(f[2:], f[3:])) and lr_factor(10, 10, 0.2) == pytest.approx(0.0)
+    # onecycle: warmup over at least 30%, anneals to 1/1000 of the peak
+    assert lr_factor(3, 10, 0.0, "onecycle") == pytest.approx(1.0)
+    assert lr_factor(10, 10, 0.0, "onecycle") == pytest.approx(1e-3)
+    assert lr_factor(7, 10, 0.1, "constant") == 1.0
+    with pytest.raises(HeadstartError):
+        lr_factor(0, 10, 0.1, "step")
+
+
+# ---------------------------------------------------------------------- fit: schedules and stopping
+
+
+def test_fit_lrs_follow_warmup_cosine_per_stage(tmp_path, monkeypatch):
+    records = spy_steps(monkeypatch)
+    cfg = tiny_cfg(tmp_path, **{"train.epochs": 2, "train.finetune_epochs": 1, "train.warmup": 0.25,
+                                "train.lr": 0.01, "train.finetune_lr": 0.001, "train.layer_decay": 0.5})
+    net, data = prepare(cfg)
+    run = RunDir.new(cfg)
+    result = engine.fit(net, data, cfg, run, say=lambda s: None)
+    assert [r["stage"] for r in result.history] == ["head", "head", "finetune"]
+    head = [r for r in records if r["stage"] == "head"]
+    ft = [r for r in records if r["stage"] == "finetune"]
+    assert len(head) == 8 and len(ft) == 4  # 64 images / 16 per batch = 4 steps per epoch
+
+    # stage 1 (8 steps, warmup round(8 * 0.25) = 2 steps): only the head trains
+    c = math.cos
+    head_factors = [1 / 3, 2 / 3, 1.0, (1 + c(math.pi / 6)) / 2, (1 + c(math.pi / 3)) / 2, 0.5,
+                    (1 + c(2 * math.pi / 3)) / 2, (1 + c(5 * math.pi / 6)) / 2]
+    for r, f in zip(head, head_factors):
+        assert lrs_by_group(r) == {"head": pytest.approx(0.01 * f)}
+
+    # stage 2: a new optimizer, every group at finetune_lr scaled by layer decay, warmup restarted
+    assert ft[0]["opt"] is not head[0]["opt"]
+    ft_factors = [0.5, 1.0, 0.75, 0.25]  # 4 steps, warmup round(4 * 0.25) = 1 step
+    for r, f in zip(ft, ft_factors):
+        lrs = lrs_by_group(r)
+        assert list(lrs) == [*RESNET18_GROUPS, "head"]
+        for depth, g in enumerate(reversed(list(lrs))):
+            assert lrs[g] == pytest.approx(0.001 * 0.5**depth * f), g
+
+    # metrics.jsonl records each epoch's starting rates
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lrs"]["head"] for r in rows] == pytest.approx([0.01 / 3, 0.0075, 0.0005])
+    assert rows[2]["lrs"]["stem"] == pytest.approx(0.0005 * 0.5**5)
+
+
+def test_sgd_onecycle_label_smoothing(tmp_path, monkeypatch):
+    records = spy_steps(monkeypatch)
+    cfg = tiny_cfg(tmp_path, **{"train.epochs": 2, "train.optimizer": "sgd", "train.scheduler": "onecycle",
+                                "train.label_smoothing": 0.1, "train.lr": 0.05, "train.warmup": 0.1})
+    net, data = prepare(cfg)
+    head_before = {k: v.clone() for k, v in net.head.state_dict().items()}
+    result = engine.fit(net, data, cfg, None, say=lambda s: None)
+    assert len(result.history) == 2 and all(math.isfinite(r["train_loss"]) for r in result.history)
+    opt = records[0]["opt"]
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["nesterov"] is True
+    assert records[0]["loss_fn"].label_smoothing == pytest.approx(0.1)
+    # onecycle over 8 steps: warmup over round(8 * 0.3) = 2 steps, then anneal towards 1/1000
+    factors = [lr_factor(s, 8, 0.1, "onecycle") for s in range(8)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert [lrs_by_group(r)["head"] for r in records] == pytest.approx([0.05 * f for f in factors])
+    assert not torch.equal(net.head.state_dict()["weight"], head_before["weight"])
+
+
+def test_early_stopping_ends_the_stage_not_the_run(tmp_path):
+    # lr 0 with a constant schedule: validation accuracy cannot improve after the first epoch.
+    stages = [StageConfig(name="a", epochs=4, freeze="body", lr=0.0),
+              StageConfig(name="b", epochs=3, freeze="body", lr=0.0)]
+    cfg = tiny_cfg(tmp_path, **{"train.scheduler": "constant", "train.patience": 1})
+    cfg.train.stages = stages
+    net, data = prepare(cfg)
+    result = engine.fit(net, data, cfg, None, say=lambda s: None)
+    assert [(r["stage"], r["epoch"]) for r in result.history] == [("a", 1), ("a", 2), ("b", 1)]
+    assert len({r["val_acc"] for r in result.history}) == 1
+    # without patience every epoch runs
+    cfg.train.patience = None
+    net, data = prepare(cfg)
+    result = engine.fit(net, data, cfg, None, say=lambda s: None)
+    assert len(result.history) == 7
+
+
+def test_early_stopping_from_the_cli(tmp_path, capsys):
+    argv = train_argv(tmp_path, "es", "--epochs", "5", "--lr", "0", "--scheduler", "constant",
+                      "--patience", "2")
+    assert main(argv) == 0
+    lines = (tmp_path / "es" / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 1 + 3  # header, the best epoch, then two without improvement
+    assert "epoch 3/5" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- determinism
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _history(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
+
+
+def test_same_seed_repeats_bit_for_bit_and_another_seed_differs(tmp_path, capsys):
+    out = tmp_path / "runs"
+    extra = ["--finetune-epochs", "1", "--lr", "0.01", "--finetune-lr", "0.001"]
+    for i, (name, seed) in enumerate((("a", "3"), ("b", "3"), ("c", "4"))):
+        torch.manual_seed(100 + i)  # whatever the global RNG held before must not matter
+        assert main(train_argv(out, name, "--seed", seed, *extra, model="mobilenet_v3_small")) == 0
+    a, b, c = (_state(out / n / "best.pt") for n in "abc")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _history(out / "a") == _history(out / "b")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert _history(out / "a") != _history(out / "c")
+
+
+def test_seed_covers_model_initialisation(tmp_path):
+    # random body weights and the new head's weights come from the run's seed, not the caller's RNG
+    cfg = tiny_cfg(tmp_path, **{"train.seed": 5})
+    torch.manual_seed(1)
+    a, _ = prepare(cfg)
+    torch.manual_seed(2)
+    b, _ = prepare(cfg)
+    c, _ = prepare(tiny_cfg(tmp_path, **{"train.seed": 6}))
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["head.weight"], sc["head.weight"])
+    assert not torch.equal(sa["body.conv1.weight"], sc["body.conv1.weight"])
+
+
+# ---------------------------------------------------------------------- frozen body
+
+
+def test_head_stage_keeps_frozen_body_and_batchnorm_stats_bit_identical(tmp_path, monkeypatch, capsys):
+    # A weights file with non-trivial BatchNorm statistics: the body must come back unchanged.
+    model = build_network("resnet18", "none").body
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(("running_mean", "running_var")):
+            v = torch.rand(v.shape, generator=gen) + 0.5
+        elif k.endswith("num_batches_tracked"):
+            v = torch.tensor(7)
+        state[k] = v
+    fc = torch.nn.Linear(512, 1000)
+    state |= {"fc.weight": fc.weight.detach(), "fc.bias": fc.bias.detach()}
+    wfile = tmp_path / "r18.pth"
+    torch.save(state, wfile)
+
+    saved: list[dict[str, torch.Tensor]] = []
+    real_save = checkpoint.save
+
+    def spy(path, payload):
+        if Path(path).name == "last.pt":
+            saved.append({k: v.clone() for k, v in payload["state_dict"].items()})
+        return real_save(path, payload)
+
+    monkeypatch.setattr(checkpoint, "save", spy)
+    argv = train_argv(tmp_path / "runs", "frozen", "--finetune-epochs", "1", "--lr", "0.05",
+                      "--weights", str(wfile),
+                      "--set", "cache.enabled=false",  # the body really runs, in train mode, every step
+                      "--finetune-bn", "train")
+    assert main(argv) == 0
+    assert "stage 1/2: head" in capsys.readouterr().out
+    after_head, after_finetune = saved
+    body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    for k, v in body.items():
+        assert torch.equal(after_head[f"body.{k}"], v), k
+    # control: fine-tuning with BatchNorm in train mode does change the statistics this test compares
+    assert not torch.equal(after_finetune["body.bn1.running_mean"], body["bn1.running_mean"])
+    assert int(after_finetune["body.bn1.num_batches_tracked"]) > 7
