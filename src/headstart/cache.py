@@ -15,6 +15,7 @@ from an interrupted run is never read as complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -107,7 +108,8 @@ class FeatureCache:
         return meta.exists() and self.file(view).exists()
 
 
-def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_seed: int) -> str:
+def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_seed: int,
+             precision_dtype: Any = None) -> str:
     """The cache key of ``ds``'s features through a body (``body_fp``; view > 0: augmented)."""
     parts = {
         "body": body_fp,
@@ -116,6 +118,7 @@ def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_
         "kind": kind,
         "transform": repr(build_transform(net.preprocessing, train=view > 0, augment=view > 0, kind=kind)),
         "seed": augment_seed if view > 0 else None,
+        "precision": str(precision_dtype),
         "format": 1,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -123,7 +126,7 @@ def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_
 
 @torch.inference_mode()
 def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.device, view_seed: int | None,
-            progress: bool, desc: str) -> None:
+            progress: bool, desc: str, precision: Any = None) -> None:
     """Run the body over ``ds`` once and write its outputs to ``out`` (.npy, atomically)."""
     net.eval()
     loader = make_loader(ds, batch_size=batch_size, shuffle=False, workers=None, seed=view_seed or 0)
@@ -135,7 +138,8 @@ def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.
     at = 0
     try:
         for x, _ in bar:
-            f = net.features(x.to(device)).float().cpu().numpy()
+            with precision.autocast() if precision is not None else contextlib.nullcontext():
+                f = net.features(x.to(device)).float().cpu().numpy()
             if mm is None:
                 mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ds), *f.shape[1:]))
             mm[at : at + len(f)] = f
@@ -149,9 +153,10 @@ def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.
 
 
 def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int, seed: int, root: Path,
-                    batch_size: int, device: torch.device, progress: bool, desc: str) -> FeatureDataset:
+                    batch_size: int, device: torch.device, progress: bool, desc: str,
+                    precision: Any = None) -> FeatureDataset:
     """The features of ``ds`` for ``view``, computed now unless a complete cache entry exists."""
-    key = make_key(net, body_fp, ds, kind, view, seed)
+    key = make_key(net, body_fp, ds, kind, view, seed, getattr(precision, "dtype", None))
     cache = FeatureCache(root, key)
     if not cache.complete(view):
         cache.folder.mkdir(parents=True, exist_ok=True)
@@ -160,7 +165,8 @@ def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int
         start = time.perf_counter()
         try:
             extract(net, ds, cache.file(view), batch_size=batch_size, device=device,
-                    view_seed=seed * 1009 + view if view > 0 else None, progress=progress, desc=desc)
+                    view_seed=seed * 1009 + view if view > 0 else None, progress=progress, desc=desc,
+                    precision=precision)
         finally:
             ds.transform = saved
         meta = {"images": len(ds), "model": net.name, "view": view, "seconds": time.perf_counter() - start,

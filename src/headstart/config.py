@@ -70,6 +70,10 @@ class DataConfig:
     workers: int | None = None
     # Train-time augmentation (random resized crop and horizontal flip for photos).
     augment: bool = True
+    # An automatic policy on top of the photo augmentation: none, randaugment, trivialaugment.
+    auto_augment: str = "none"
+    # Draw training batches class-balanced (for imbalanced folders).
+    balanced: bool = False
     # Unreadable images are an error instead of a skipped-with-warning.
     strict: bool = False
     # Use at most this many training / validation images (quick runs and tests).
@@ -115,6 +119,19 @@ class TrainConfig:
     warmup: float = 0.1
     scheduler: str = "cosine"
     label_smoothing: float = 0.0
+    # Weight the loss by inverse class frequency (for imbalanced folders).
+    class_weights: bool = False
+    # Batch mixing on images (alpha of the Beta distribution; 0 = off). Not used while training
+    # from cached features, where there are no images to mix.
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    # ``auto``: bf16 autocast on GPUs that have it, fp16 with a gradient scaler on older GPUs,
+    # fp32 on the CPU (bf16 autocast on a CPU without AMX measured slower here).
+    precision: str = "auto"
+    # Channels-last memory format; None = on for CUDA, where convolutions run faster with it.
+    channels_last: bool | None = None
+    # torch.compile the network (pays a compile time up front; worth it for long GPU runs).
+    compile: bool = False
     # The seed's fine-tuning phase: 0 epochs skips it.
     finetune_epochs: int = 0
     # ``all`` or the number of last depth groups unfrozen for fine-tuning.

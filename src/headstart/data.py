@@ -326,8 +326,11 @@ def _listing(items: Sequence[str], limit: int) -> str:
 # --------------------------------------------------------------------------- transforms
 
 
+AUTO_AUGMENT = ("none", "randaugment", "trivialaugment")
+
+
 def build_transform(
-    pre: Preprocessing, *, train: bool, augment: bool, kind: str = "photo"
+    pre: Preprocessing, *, train: bool, augment: bool, kind: str = "photo", policy: str = "none"
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The transform turning an RGB PIL image into a normalised float tensor ``(3, crop, crop)``.
 
@@ -349,6 +352,7 @@ def build_transform(
                 v2.RandomResizedCrop(pre.crop, scale=(0.35, 1.0), interpolation=interp, antialias=True),
                 v2.RandomHorizontalFlip(),
             ]
+            steps += _policy(policy, interp)
         else:
             steps += [v2.Resize(pre.resize, interpolation=interp, antialias=True), v2.CenterCrop(pre.crop)]
     elif kind == "digits":
@@ -372,6 +376,17 @@ def build_transform(
 
 
 # --------------------------------------------------------------------------- splitting
+
+
+def _policy(policy: str, interp: Any) -> list[Any]:
+    """torchvision's automatic augmentation policies, for photos (uint8 images, before scaling)."""
+    if policy == "randaugment":
+        return [v2.RandAugment(interpolation=interp)]
+    if policy == "trivialaugment":
+        return [v2.TrivialAugmentWide(interpolation=interp)]
+    if policy != "none":
+        raise HeadstartError(f"unknown augmentation policy {policy!r}; use {', '.join(AUTO_AUGMENT)}")
+    return []
 
 
 def _stratified_split(targets: Sequence[int], val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -451,7 +466,8 @@ def build_data(cfg: DataConfig, pre: Preprocessing, *, seed: int = 0) -> DataBun
     else:
         bundle = _folder(cfg, source, seed)
     # Evaluation data is never augmented; only the train split gets the random transform.
-    bundle.train.transform = build_transform(pre, train=True, augment=cfg.augment, kind=bundle.kind)
+    bundle.train.transform = build_transform(pre, train=True, augment=cfg.augment, kind=bundle.kind,
+                                             policy=cfg.auto_augment)
     bundle.val.transform = build_transform(pre, train=False, augment=False, kind=bundle.kind)
     bundle.train = _apply_limit(bundle.train, cfg.limit_train, seed, "limit_train")
     bundle.val = _apply_limit(bundle.val, cfg.limit_val, seed, "limit_val")

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from . import checkpoint
 from .config import RunConfig, StageConfig, to_dict
@@ -29,6 +29,7 @@ from .network import Network
 from .optim import apply_stage, build_optimizer, build_scheduler, resolve_stages
 from .progress import Progress
 from .runs import RunDir
+from .speed import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
 AUX_WEIGHT = 0.4  # Inception's own recipe for its auxiliary classifiers
@@ -88,34 +89,59 @@ def train_one_epoch(
     desc: str = "train",
     on_step: Callable[[torch.optim.Optimizer], None] | None = None,
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None = None,
+    precision: Precision | None = None,
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    channels_last: bool = False,
 ) -> EpochStats:
     """One pass over ``loader``, stepping the optimizer and the per-step schedule.
 
     ``forward`` maps a batch to (logits, aux logits); the default runs the whole network, the
-    feature cache passes one that runs only the head on stored features.
+    feature cache passes one that runs only the head on stored features. ``precision`` sets
+    autocast (and the fp16 gradient scaler); ``mix`` is MixUp/CutMix on the batch, whose labels
+    then become class probabilities (accuracy is counted against their argmax).
     """
     forward = forward or net.forward_train
+    precision = precision or Precision(None, None, device.type)
     net.train()
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     bar = Progress(loader, len(loader), desc, enabled=progress)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits, aux = forward(x)
-        loss = loss_fn(logits, y)
-        for a in aux:
-            loss = loss + AUX_WEIGHT * loss_fn(a, y)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if mix is not None:
+            x, y = mix(x, y)
+        with precision.autocast():
+            logits, aux = forward(x)
+            loss = loss_fn(logits.float(), y)
+            for a in aux:
+                loss = loss + AUX_WEIGHT * loss_fn(a.float(), y)
         opt.zero_grad(set_to_none=True)
+        _backward_step(loss, opt, precision, on_step)
+        sched.step()
+        n = y.shape[0]
+        total_loss += float(loss.detach()) * n
+        hard = y.argmax(1) if y.ndim == 2 else y
+        correct += int((logits.detach().argmax(1) == hard).sum())
+        seen += n
+        bar.update(n, loss=total_loss / seen, acc=correct / seen)
+    return EpochStats(total_loss / max(1, seen), correct / max(1, seen), seen, time.perf_counter() - start)
+
+
+def _backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, precision: Precision,
+                   on_step: Callable[[torch.optim.Optimizer], None] | None) -> None:
+    scaler = precision.scaler
+    if scaler is None:
         loss.backward()
         if on_step is not None:
             on_step(opt)
         opt.step()
-        sched.step()
-        n = y.shape[0]
-        total_loss += float(loss.detach()) * n
-        correct += int((logits.detach().argmax(1) == y).sum())
-        seen += n
-        bar.update(n, loss=total_loss / seen, acc=correct / seen)
-    return EpochStats(total_loss / max(1, seen), correct / max(1, seen), seen, time.perf_counter() - start)
+        return
+    scaler.scale(loss).backward()
+    if on_step is not None:
+        on_step(opt)
+    scaler.step(opt)
+    scaler.update()
 
 
 @torch.no_grad()
@@ -149,7 +175,14 @@ def _epoch_loader(dataset: Any, cfg: RunConfig, epoch_seed: int, workers: int | 
     # The order of each epoch comes from its own generator, so epoch k's batches are the same
     # whether the run started at epoch 0 or resumed at epoch k.
     gen = torch.Generator().manual_seed(epoch_seed)
-    sampler = RandomSampler(dataset, generator=gen)
+    if cfg.data.balanced:
+        # Each image is drawn with probability inverse to its class's size: classes are seen
+        # equally often, and an epoch still has as many draws as there are images.
+        counts = np.bincount(np.asarray(dataset.targets))
+        weights = torch.as_tensor(1.0 / counts[np.asarray(dataset.targets)], dtype=torch.double)
+        sampler: Any = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=gen)
+    else:
+        sampler = RandomSampler(dataset, generator=gen)
     return make_loader(dataset, batch_size=cfg.data.batch_size, shuffle=False, workers=workers,
                        seed=epoch_seed, sampler=sampler, drop_last=len(dataset) > cfg.data.batch_size)
 
@@ -164,6 +197,11 @@ class StageInputs:
     def __init__(self, net: Network, data: DataBundle, cfg: RunConfig, device: torch.device,
                  say: Callable[[str], None]) -> None:
         self.net, self.data, self.cfg, self.device = net, data, cfg, device
+        tc = cfg.train
+        self.precision = resolve_precision(tc.precision, device)
+        self.channels_last = tc.channels_last if tc.channels_last is not None else device.type == "cuda"
+        if self.channels_last:
+            net.to(memory_format=torch.channels_last)
         body_frozen = not any(p.requires_grad for p in net.body.parameters())
         self.cached = cfg.cache.enabled and body_frozen
         self.views: dict[int, Any] = {}
@@ -186,7 +224,8 @@ class StageInputs:
 
         return cached_features(self.net, ds, body_fp=self.body_fp, kind=self.data.kind, view=view,
                                seed=self.cfg.train.seed, root=self.root, batch_size=self.cfg.data.batch_size * 2,
-                               device=self.device, progress=self.cfg.train.progress, desc=desc)
+                               device=self.device, progress=self.cfg.train.progress, desc=desc,
+                               precision=self.precision)
 
     def train_view(self, epoch: int) -> Any:
         if not self.cached:
@@ -197,7 +236,27 @@ class StageInputs:
         return self.views[view]
 
     def forward(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None:
-        return (lambda f: (self.net.head(f), [])) if self.cached else None
+        if self.cached:
+            return lambda f: (self.net.head(f), [])
+        if self.cfg.train.compile:
+            # Compiling the bound method keeps the module tree (and state_dict keys) as they are.
+            if not hasattr(self, "_compiled"):
+                self._compiled = torch.compile(self.net.forward_train)
+            return self._compiled
+        return None
+
+    def mix(self) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """MixUp and/or CutMix on image batches (one of them per batch when both are on)."""
+        tc = self.cfg.train
+        if self.cached or not (tc.mixup or tc.cutmix):
+            return None
+        from torchvision.transforms import v2
+
+        n = len(self.data.classes)
+        ops = ([v2.MixUp(alpha=tc.mixup, num_classes=n)] if tc.mixup else []) + (
+            [v2.CutMix(alpha=tc.cutmix, num_classes=n)] if tc.cutmix else [])
+        op = ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+        return lambda x, y: op(x, y)
 
     def eval_model(self) -> nn.Module:
         return self.net.head if self.cached else self.net
@@ -234,7 +293,7 @@ def fit(
     set_cpu_speed_flags()
     net.to(device)
     stages = resolve_stages(tc, net)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    loss_fn = _loss(tc, data, device)
     state = _initial_state(resume)
     final: ClassReport | None = None
     start = time.perf_counter() - state["seconds"]
@@ -272,6 +331,15 @@ def fit(
     return FitResult(state["best"], final, state["history"], run.path if run else None, time.perf_counter() - start)
 
 
+def _loss(tc: Any, data: DataBundle, device: torch.device) -> nn.Module:
+    weight = None
+    if tc.class_weights:
+        # Inverse class frequency, scaled so a balanced dataset gets weights of 1.
+        counts = torch.bincount(torch.as_tensor(data.train.targets), minlength=len(data.classes)).double()
+        weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).float().to(device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=tc.label_smoothing)
+
+
 def _next_stage(state: dict[str, Any], si: int) -> None:
     state.update(stage=si + 1, epoch=0, optimizer=None, scheduler=None, stopped=False, bad_epochs=0)
 
@@ -294,7 +362,8 @@ def _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, inputs, de
     loader = _epoch_loader(train_set, cfg, epoch_seed, inputs.workers)
     lrs = _group_lrs(opt)
     desc = f"{stage.name} {epoch + 1}/{stage.epochs}"
-    tr = train_one_epoch(net, loader, opt, sched, loss_fn, device, tc.progress, desc, forward=inputs.forward())
+    tr = train_one_epoch(net, loader, opt, sched, loss_fn, device, tc.progress, desc, forward=inputs.forward(),
+                         precision=inputs.precision, mix=inputs.mix(), channels_last=inputs.channels_last)
     report = evaluate(inputs.eval_model(), inputs.val_loader(), data.classes, device)
     state["global_epoch"] += 1
     return {

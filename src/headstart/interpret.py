@@ -137,7 +137,8 @@ class Interpretation:
     def per_class(self) -> list[ClassScore]:
         """Precision, recall, F1 and support of each class, worst F1 first."""
         r = self.report
-        rows = [ClassScore(c, r.precision[i], r.recall[i], r.f1[i], r.support[i], i) for i, c in enumerate(r.classes)]
+        rows = [ClassScore(c, r.precision[i], r.recall[i], r.f1[i], r.support[i], i)
+                for i, c in enumerate(r.classes)]
         return sorted(rows, key=lambda s: (s.f1, s.recall, s.precision, -s.support, s.index))
 
     def confusion(self, normalised: bool = False) -> torch.Tensor:

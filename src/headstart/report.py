@@ -225,7 +225,8 @@ def _mark_stages(ax: Any, spans: list[tuple[str, float, float]], label: bool) ->
     many = len(spans) > 4
     tf = blended_transform_factory(ax.transData, ax.transAxes)
     for name, a, b in spans:
-        ax.text((a + b) / 2, 1.02, _short(name, 18), transform=tf, ha="left" if many else "center", va="bottom",
+        ax.text((a + b) / 2, 1.02, _short(name, 18), transform=tf, va="bottom",
+                ha="left" if many else "center",
                 fontsize=7 if many else 9, rotation=60 if many else 0, color="0.2",
                 rotation_mode="anchor" if many else "default")
 
@@ -395,8 +396,9 @@ def _heatmap(fig: Figure, ax: Any, mat: Any, classes: Sequence[str], title: str,
                 v = mat[i, j]
                 if v:
                     text = f"{v:.0f}" if percent else f"{int(v)}"
-                    ax.text(j, i, text, ha="center", va="center", fontsize=max(5, font - 1),
-                            color="white" if v > top * 0.55 else "black", weight="bold" if i == j else "normal")
+                    colour = "white" if v > top * 0.55 else "black"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=max(5, font - 1), color=colour,
+                            weight="bold" if i == j else "normal")
     cb = fig.colorbar(im, ax=ax, shrink=0.8)
     cb.ax.tick_params(labelsize=7)
     if not percent:
@@ -443,7 +445,8 @@ def _draw_example(ax: Any, interp: Interpretation, p: Prediction, number: int) -
     for s in ax.spines.values():
         s.set_color(colour)
         s.set_linewidth(2)
-    ax.set_title(f"#{number}  {p.confidence:.1%}\ntrue: {_short(p.true, 14)}\npred: {_short(p.predicted, 14)}",
+    title = f"#{number}  {p.confidence:.1%}\ntrue: {_short(p.true, 14)}\npred: {_short(p.predicted, 14)}"
+    ax.set_title(title,
                  fontsize=7.5, color=colour if not p.correct else "black", linespacing=1.15)
 
 
@@ -521,9 +524,10 @@ def _summary_section(run: RunRecord, interp: Any) -> str:
         ("wall time", _duration(s.get("wall_seconds"))),
     ]
     if interp is not None:
-        pairs.append(("this report's predictions",
-                      (f"{len(interp)} {interp.split} images of {interp.source}: top-1 {interp.report.top1:.2%}, "
-                      f"top-5 {interp.report.top5:.2%}, loss {interp.report.loss:.4f}")))
+        r = interp.report
+        scores = f"top-1 {r.top1:.2%}, top-5 {r.top5:.2%}, loss {r.loss:.4f}"
+        what = f"{len(interp)} {interp.split} images of {interp.source}"
+        pairs.append(("this report's predictions", f"{what}: {scores}"))
     if not run.summary:
         pairs.append(("status", "no summary.json: the run has not finished"))
     pairs.append(("report written", time.strftime("%Y-%m-%d %H:%M:%S")))
@@ -570,7 +574,8 @@ def _per_class_section(interp: Any, problem: str) -> str:
     r = interp.report
     note = (f"Top-1 {r.top1:.2%}, top-5 {r.top5:.2%} on {sum(r.support)} images; "
             f"worst F1 first. A class with no images has support 0 and scores 0.")
-    table = _table(["class", "precision", "recall", "F1", "support", "most often mistaken for"], rows, "scores")
+    header = ["class", "precision", "recall", "F1", "support", "most often mistaken for"]
+    table = _table(header, rows, "scores")
     return _section("per-class", table, note)
 
 
@@ -581,20 +586,21 @@ def _examples_table(interp: Any, preds: Sequence[Any]) -> str:
         return p.description.removeprefix(root)
 
     if preds and preds[0].correct:
-        rows = [[k + 1, name(p), p.true, f"{p.confidence:.1%}", p.runner_up or "–", f"{p.runner_up_probability:.1%}"]
-                for k, p in enumerate(preds)]
-        return _table(["#", "image", "class", "confidence", "runner-up", "runner-up probability"], rows, "examples")
+        rows = [[k + 1, name(p), p.true, f"{p.confidence:.1%}", p.runner_up or "–",
+                 f"{p.runner_up_probability:.1%}"] for k, p in enumerate(preds)]
+        header = ["#", "image", "class", "confidence", "runner-up", "runner-up probability"]
+        return _table(header, rows, "examples")
     rows = [[k + 1, name(p), p.true, p.predicted, f"{p.confidence:.1%}", f"{p.true_probability:.1%}"]
             for k, p in enumerate(preds)]
     return _table(["#", "image", "true", "predicted", "confidence", "P(true class)"], rows, "examples")
 
 
 def _examples_section(key: str, interp: Any, problem: str, out: Path, preds: Sequence[Any], file: str,
-                      note: str, empty: str) -> str:
+                      note: str) -> str:
     if interp is None:
         return _unavailable(key, problem)
     if not preds:
-        return _section(key, "", _e(empty))
+        return _section(key, "", _e(note))
     with _quiet():
         png = figure_png(examples_figure(interp, preds))
     fig = _figure_html(png, out / file, SECTIONS[key].lower())
@@ -602,23 +608,25 @@ def _examples_section(key: str, interp: Any, problem: str, out: Path, preds: Seq
 
 
 def _mistakes_section(interp: Any, problem: str, out: Path) -> str:
-    preds = interp.top_mistakes(EXAMPLES) if interp is not None else []
-    wrong = int((interp.preds != interp.targets).sum()) if interp is not None else 0
-    return _examples_section("mistakes", interp, problem, out, preds, "mistakes.png",
-                             f"{_count(wrong, 'wrong prediction')} in all; the {len(preds)} made with the highest "
-                             f"confidence, most confident first. They are often mislabelled or truly ambiguous "
-                             f"images.",
-                             f"No mistakes on the {len(interp) if interp is not None else 0} images.")
+    if interp is None:
+        return _unavailable("mistakes", problem)
+    preds = interp.top_mistakes(EXAMPLES)
+    wrong = int((interp.preds != interp.targets).sum())
+    note = (f"{_count(wrong, 'wrong prediction')} in all; the {len(preds)} made with the highest confidence, "
+            "most confident first. They are often mislabelled or truly ambiguous images."
+            if wrong else f"No mistakes on the {len(interp)} images.")
+    return _examples_section("mistakes", interp, problem, out, preds, "mistakes.png", note)
 
 
 def _unsure_section(interp: Any, problem: str, out: Path) -> str:
-    preds = interp.least_confident_correct(EXAMPLES) if interp is not None else []
-    right = int((interp.preds == interp.targets).sum()) if interp is not None else 0
-    return _examples_section("unsure", interp, problem, out, preds, "least_confident_correct.png",
-                             f"{_count(right, 'right prediction')} in all; the {len(preds)} made with the lowest "
-                             f"confidence, least confident first: the images the model is closest to getting "
-                             f"wrong.",
-                             "No image was classified correctly.")
+    if interp is None:
+        return _unavailable("unsure", problem)
+    preds = interp.least_confident_correct(EXAMPLES)
+    right = int((interp.preds == interp.targets).sum())
+    note = (f"{_count(right, 'right prediction')} in all; the {len(preds)} made with the lowest confidence, "
+            "least confident first: the images the model is closest to getting wrong."
+            if right else "No image was classified correctly.")
+    return _examples_section("unsure", interp, problem, out, preds, "least_confident_correct.png", note)
 
 
 # --- what was trained
@@ -668,17 +676,17 @@ def _trained_section(run: RunRecord) -> str:
     group_sizes = {g: sum(p.numel() for _, p in ps) for g, ps in net.group_params()}
     total = count_params(net)[0]
     pre = net.preprocessing
+    head, tc = group_sizes.get("head", 0), cfg.train
+    schedule = (f"{len(plans)} stage(s), optimizer {tc.optimizer}, scheduler {tc.scheduler}, warm-up "
+                f"{tc.warmup:.0%} of each stage, weight decay {tc.weight_decay}")
     facts = _kv([
         ("model", f"{net.name} ({net.source})"),
         ("weights", cfg.model.weights),
         ("input", f"{pre.crop}×{pre.crop} px (resize {pre.resize}, {pre.interpolation})"),
-        ("classifier", (f"{net.head_config.kind} head, {net.num_classes} classes, "
-                       f"{group_sizes.get('head', 0):,} parameters")),
-        ("parameters", (f"{total:,} in all, {total - group_sizes.get('head', 0):,} in the body's "
-                       f"{len(net.groups)} depth groups")),
-        ("schedule", (f"{len(plans)} stage(s), optimizer {cfg.train.optimizer}, scheduler {cfg.train.scheduler}, "
-                     f"warm-up {cfg.train.warmup:.0%} of each stage, weight decay {cfg.train.weight_decay}")),
-        ("wall time", f"{_duration(run.summary.get('wall_seconds'))} (whole job, loading and evaluation included)"),
+        ("classifier", f"{net.head_config.kind} head, {net.num_classes} classes, {head:,} parameters"),
+        ("parameters", f"{total:,} in all, {total - head:,} in the body's {len(net.groups)} depth groups"),
+        ("schedule", schedule),
+        ("wall time", f"{_duration(run.summary.get('wall_seconds'))} (whole job)"),
     ])
     inner = facts + _stages_table(run, plans, total) + _freeze_map(plans, group_sizes) + _config_block(run)
     return _section("trained", inner)
@@ -692,8 +700,8 @@ def _stages_table(run: RunRecord, plans: Sequence[StagePlan], total: int) -> str
     rows = []
     for p in plans:
         d = done.get(p.name) or {}
-        rows.append([p.name, f"{ran.get(p.name, 0)} of {p.epochs}", f"{p.lr:g}", f"{p.layer_decay:g}", p.freeze,
-                     p.bn, f"{p.trainable:,} ({_share(p.trainable, total)})",
+        rows.append([p.name, f"{ran.get(p.name, 0)} of {p.epochs}", f"{p.lr:g}", f"{p.layer_decay:g}",
+                     p.freeze, p.bn, f"{p.trainable:,} ({_share(p.trainable, total)})",
                      _duration(d.get("seconds")) if d else "–",
                      f"{d['images_per_s']:,.0f}" if d.get("images_per_s") else "–"])
     header = ["stage", "epochs run", "base lr", "layer decay", "freeze", "BatchNorm", "trainable parameters",
@@ -709,7 +717,8 @@ def _freeze_map(plans: Sequence[StagePlan], group_sizes: dict[str, int]) -> str:
     groups = list(plans[0].states)
     rows = []
     for g in groups:
-        cells = [_Cell(f'<td class="st-{_e(p.states.get(g, "-"))}">{_e(p.states.get(g, "-"))}</td>') for p in plans]
+        states = [p.states.get(g, "-") for p in plans]
+        cells = [_Cell(f'<td class="st-{_e(st)}">{_e(st)}</td>') for st in states]
         rows.append([g, f"{group_sizes.get(g, 0):,}", *cells])
     return ("<h3>Depth groups trained in each stage</h3>"
             + _table(["depth group", "parameters", *[p.name for p in plans]], rows, "freeze"))
@@ -769,7 +778,8 @@ background:#f4f5f7;line-height:1.45}
 main{max-width:1240px;margin:0 auto;padding:24px 28px 60px}
 h1{font-size:26px;margin:8px 0 4px}h2{font-size:20px;margin:0 0 10px;border-bottom:2px solid #dde1e6;
 padding-bottom:4px}h3{font-size:15px;margin:18px 0 6px}
-section{background:#fff;border-radius:8px;padding:16px 20px;margin:16px 0;box-shadow:0 1px 3px rgba(0,0,0,.08)}
+section{background:#fff;border-radius:8px;padding:16px 20px;margin:16px 0;
+box-shadow:0 1px 3px rgba(0,0,0,.08)}
 nav{font-size:13px}nav a{margin-right:14px;color:#2a5db0;text-decoration:none}
 figure{margin:8px 0}figure img{max-width:100%;height:auto;display:block;margin:0 auto}
 figcaption,.note{font-size:13px;color:#555}
@@ -777,7 +787,8 @@ table{border-collapse:collapse;font-size:13px;margin:6px 0}
 th,td{padding:3px 10px;border-bottom:1px solid #e4e7eb;text-align:left;vertical-align:top}
 th{background:#eef1f4;position:sticky;top:0}tbody tr:nth-child(even){background:#fafbfc}
 td.num{position:relative;min-width:90px}
-.bar{position:absolute;left:0;top:3px;bottom:3px;background:#cfe0f5}.val{position:relative}.scroll{max-height:560px;overflow:auto;border:1px solid #e4e7eb;display:inline-block}
+.bar{position:absolute;left:0;top:3px;bottom:3px;background:#cfe0f5}.val{position:relative}
+.scroll{max-height:560px;overflow:auto;border:1px solid #e4e7eb;display:inline-block}
 td.st-frozen{background:#dfe3e8;color:#444}td.st-trainable{background:#cdeccf;color:#14521a;font-weight:600}
 td.st-partial{background:#fbe6b8}td.total{font-weight:600;border-top:2px solid #c9ced4}
 dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:3px 18px;margin:0;font-size:14px}
