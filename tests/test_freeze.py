@@ -264,8 +264,6 @@ def test_bn_mode_with_a_batchnorm_head_and_eval_all(r18):
     assert bn_mode(r18) == {**{g: "eval" for g in RESNET_GROUPS}, "head": "eval"}
 
 
-@pytest.mark.xfail(strict=True, reason="freeze.bn_mode line 127 reports a head with train- and eval-mode "
-                   "BatchNorms as 'eval' instead of 'mixed' (groups get 'mixed')")
 def test_bn_mode_mixed_head(r18):
     r18.replace_head(7, HeadConfig(kind="mlp", hidden=[16, 8], batchnorm=True))
     freeze(r18, "head.1.*")  # the first BatchNorm1d only
@@ -311,7 +309,6 @@ def test_timm_first_k_freezes_its_groups(lite0):
     assert net.body.blocks[-1][0].bn1.training
 
 
-@pytest.mark.xfail(strict=True, reason="bn_mode reports '-' for timm groups: their prefixes are parameter names")
 def test_timm_bn_mode_sees_its_batchnorms(lite0):
     net = copy.deepcopy(lite0)
     freeze(net, "first:2")

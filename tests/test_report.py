@@ -99,13 +99,13 @@ def folder_report(folder_run: Path) -> Path:
 # ---------------------------------------------------------------------- helpers
 
 
-def _assert_picture(path: Path, min_side: int = 200, max_side: int = 8000) -> None:
+def _assert_picture(path: Path, min_side: int = 120, max_side: int = 8000) -> None:
     """The PNG is a sane size and not blank."""
     with Image.open(path) as im:
         assert im.format == "PNG"
         w, h = im.size
         pixels = np.asarray(im.convert("L"), dtype=np.float64)
-    assert min_side <= w <= max_side and min_side // 2 <= h <= max_side, (path.name, im.size)
+    assert min_side <= w <= max_side and min_side <= h <= max_side, (path.name, im.size)
     assert pixels.std() > 8, f"{path.name} looks blank (std {pixels.std():.1f})"
 
 
@@ -174,7 +174,7 @@ def test_least_confident_correct_and_tables(digits_interp: Interpretation) -> No
     assert [p.confidence for p in unsure] == sorted(p.confidence for p in unsure)
     rows = it.per_class()
     assert sorted(r.name for r in rows) == sorted(it.classes)
-    assert [r.f1 for r in rows] == sorted(r.f1 for r in rows)
+    assert [r.f1 for r in rows] == sorted(r.f1 for r in rows)  # every class has validation images here
     norm = it.confusion(normalised=True)
     assert torch.allclose(norm.sum(1), torch.ones(10, dtype=norm.dtype))
     assert int(it.confusion().sum()) == len(it)
@@ -207,8 +207,9 @@ def test_folder_report(folder_report: Path, folder_run: Path) -> None:
     assert "red_square_with_a_rather_long_class_name" in text and str(folder_run.parent / "squares") in text
 
 
-def test_report_embeds_lr_finder_and_survives_missing_checkpoint(digits_run: Path, digits_interp: Interpretation,
-                                                                  tmp_path: Path) -> None:
+def test_report_embeds_lr_finder_and_survives_missing_checkpoint(
+    digits_run: Path, digits_interp: Interpretation, tmp_path: Path
+) -> None:
     run = tmp_path / "copy"
     run.mkdir()
     for name in ("config.yaml", "metrics.jsonl", "summary.json"):
@@ -244,7 +245,8 @@ def test_figures_cope_with_one_epoch_and_many_long_classes(digits_run: Path, tmp
                         [f"img{i}" for i in range(len(targets))])
     cm = _picture_of(confusion_figure(it), tmp_path, "cm.png")
     _assert_picture(cm)
-    grid = _picture_of(examples_figure(it, it.top_mistakes(16)), tmp_path, "grid.png")  # no dataset: placeholders
+    # no dataset: the thumbnails are placeholders
+    grid = _picture_of(examples_figure(it, it.top_mistakes(16)), tmp_path, "grid.png")
     _assert_picture(grid)
 
 
@@ -261,7 +263,8 @@ def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     return subprocess.run([exe, *flags, *args], check=False, capture_output=True, text=True, timeout=60)
 
 
-def test_report_renders_in_chromium(digits_report: Path, digits_interp: Interpretation, tmp_path: Path) -> None:
+def test_report_renders_in_chromium(digits_report: Path, digits_interp: Interpretation,
+                                    tmp_path: Path) -> None:
     url = digits_report.resolve().as_uri()
     shot = tmp_path / "shot.png"
     res = _chromium([f"--screenshot={shot}", "--window-size=1280,4000", url], tmp_path / "profile")
@@ -269,9 +272,12 @@ def test_report_renders_in_chromium(digits_report: Path, digits_interp: Interpre
     _assert_picture(shot, min_side=1000)
     dom = _chromium(["--dump-dom", url], tmp_path / "profile2")
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert dom.stdout.count("<img") == len(_expected(digits_interp))
+    figures = len(_expected(digits_interp))
+    assert dom.stdout.count("<img") == figures == dom.stdout.count('src="data:image/png;base64,')
     assert "Per-class scores" in dom.stdout
+    # Chromium logs a failed page load, and failed loads of our files name them; dbus noise is not ours.
     ours = str(digits_report.parent)
     errors = [line for line in (res.stderr + dom.stderr).splitlines()
-              if "ERR_" in line and (ours in line or "file://" in line or "data:" in line)]
+              if "Page load failed" in line
+              or ("ERR_" in line and (ours in line or "file://" in line or "data:" in line))]
     assert not errors, errors

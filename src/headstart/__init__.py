@@ -24,9 +24,13 @@ from .engine import evaluate, fit
 from .errors import HeadstartError, OfflineError
 from .freeze import count_params, freeze, trainable_state, unfreeze_last
 from .inspect import group_table, inspect_model
+from .interpret import Interpretation, interpret
+from .lr_find import lr_find
 from .network import Network
+from .report import write_report
 
 __all__ = [
+    "Interpretation", "interpret", "lr_find", "write_report",
     "CacheConfig", "DataConfig", "HeadConfig", "HeadstartError", "ModelConfig", "Network", "OfflineError",
     "RunConfig", "StageConfig", "TrainConfig", "apply_overrides", "build_data", "build_network",
     "count_params", "evaluate", "evaluate_checkpoint", "fit", "freeze", "group_table", "inspect_model",

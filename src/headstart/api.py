@@ -76,7 +76,18 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     run.write_summary(summary(net, data, cfg, result, time.perf_counter() - started))
     say(f"\nfinal validation accuracy {result.final.top1:.2%} (best {result.best_accuracy:.2%}); "
         f"model saved to {run.path / 'best.pt'}")
+    if cfg.report:
+        _write_report(run, say)
     return result
+
+
+def _write_report(run: RunDir, say: Callable[[str], None]) -> None:
+    from .report import write_report
+
+    try:
+        say(f"report: {write_report(run.path)}")
+    except HeadstartError as e:  # the model is saved; a report that cannot be drawn is no failure
+        say(f"report not written: {e}")
 
 
 def describe_job(net: Network, data: Any, cfg: RunConfig) -> str:

@@ -17,7 +17,7 @@ import logging
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torchvision
@@ -132,7 +132,7 @@ def _build_torchvision(name: str, weights: str, input_size: int | None) -> Netwo
         if member is not None:  # pretrained at another input size (ViT)
             model.load_state_dict(_resize_state(name, member.get_state_dict(progress=False), kwargs))
     if path is not None:
-        load_state_file(model, path, families.family_of(model))
+        load_state_file(model, path, _replaced_layers(families.family_of(model)))
     meta_from = member if member is not None else (enum.DEFAULT if path is not None else None)
     pre = Preprocessing.from_torchvision(meta_from, default_crop=Preprocessing.from_torchvision(enum.DEFAULT).crop)
     net = _wrap(model, name, pre, "torchvision")
@@ -217,18 +217,25 @@ def _resize_state(name: str, state: dict[str, torch.Tensor], kwargs: dict[str, A
     raise HeadstartError(f"{name}'s pretrained weights only work at its native input size; drop --input-size")
 
 
-def load_state_file(model: nn.Module, path: Path, fam: families.Family | None = None) -> None:
+def _replaced_layers(fam: families.Family | None) -> list[str]:
+    """Module paths (in the whole model) of the layers a new head replaces: final and auxiliary."""
+    if fam is None:
+        return []
+    return [f"{fam.head}.{fam.final}".rstrip("."), *fam.aux]
+
+
+def load_state_file(model: nn.Module, path: Path, replaced: Sequence[str] = ()) -> None:
     """Load a local state-dict file into ``model``, explaining any mismatch.
 
     Accepts .safetensors, or .pth/.pt holding a state dict (also wrapped in ``state_dict`` or
-    ``model``, and with DataParallel's ``module.`` prefix). Keys of the final classifier layer
-    whose shape differs (a file fine-tuned for other classes) are skipped: that layer is replaced.
+    ``model``, and with DataParallel's ``module.`` prefix). Keys under ``replaced`` (the final and
+    auxiliary classifier layers) whose shape differs — a file fine-tuned for other classes — are
+    skipped: those layers are replaced anyway.
     """
     state = read_state_file(path)
     own = model.state_dict()
-    final_prefix = f"{fam.head}.{fam.final}".rstrip(".") if fam else None
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    bad = [k for k in skipped if not (final_prefix and k.startswith(final_prefix + "."))]
+    bad = [k for k in skipped if not any(k.startswith(r + ".") for r in replaced)]
     if bad:
         shapes = "; ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in bad[:5])
         raise HeadstartError(f"weights file {path} does not fit {type(model).__name__}: shape mismatch at {shapes}")
@@ -320,7 +327,7 @@ def _build_timm(name: str, weights: str) -> Network:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise HeadstartError(f"weights for timm models are DEFAULT, none or a file path; {spec} is none of these")
-        load_state_file(model, path)
+        load_state_file(model, path, [model.pretrained_cfg.get("classifier", "classifier")])
     net = _wrap_timm(model, name, pre)
     net.weights_name = "DEFAULT" if pretrained else spec
     return net
@@ -338,6 +345,16 @@ def _timm_preprocessing(model: nn.Module) -> Preprocessing:
     )
 
 
+def _module_paths(model: nn.Module, param_names: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for n in param_names:
+        parent = n.rpartition(".")[0]
+        path = parent if parent and _has_module(model, parent) else n
+        if path not in out:
+            out.append(path)
+    return out
+
+
 def _wrap_timm(model: nn.Module, name: str, pre: Preprocessing) -> Network:
     """timm's uniform API: ``reset_classifier(0)`` leaves a body returning pooled features."""
     from timm.models import group_parameters
@@ -348,7 +365,10 @@ def _wrap_timm(model: nn.Module, name: str, pre: Preprocessing) -> Network:
     matcher = model.group_matcher(coarse=True)
     model.reset_classifier(0)
     by_id = group_parameters(model, matcher)
-    groups = [Group("stem" if i == 0 else f"stage{i}", list(names)) for i, names in enumerate(by_id.values())]
+    # timm groups list parameter names; name their modules instead, so whole groups can be put in
+    # eval mode and their BatchNorm layers found (top-level parameters stay as they are).
+    groups = [Group("stem" if i == 0 else f"stage{i}", _module_paths(model, names))
+              for i, names in enumerate(by_id.values())]
     if not pre.categories and getattr(model, "num_classes", 0) == 0 and head.out_features == 1000:
         from torchvision.models import MobileNet_V2_Weights
 

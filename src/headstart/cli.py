@@ -43,7 +43,8 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("--limit-val", "data.limit_val", {"type": int}, "use at most N validation images"),
     ("--freeze", "train.freeze", {}, "what the head stage freezes: body, none, K (first K groups) or patterns"),
     ("--epochs", "train.epochs", {"type": int}, "epochs of the head stage"),
-    ("--lr", "train.lr", {"type": float}, "learning rate of the head stage"),
+    ("--lr", "train.lr", {"type": lambda v: v if v == "auto" else float(v)},
+     "learning rate of the head stage, or auto (learning-rate range test)"),
     ("--optimizer", "train.optimizer", {"choices": ["adamw", "sgd"]}, "optimizer"),
     ("--weight-decay", "train.weight_decay", {"type": float}, "weight decay (never on biases and norms)"),
     ("--warmup", "train.warmup", {"type": float}, "fraction of each stage's steps spent warming up"),
@@ -51,7 +52,8 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("--label-smoothing", "train.label_smoothing", {"type": float}, "label smoothing of the loss"),
     ("--finetune-epochs", "train.finetune_epochs", {"type": int}, "epochs of the fine-tuning stage (0: none)"),
     ("--finetune-unfreeze", "train.finetune_unfreeze", {}, "`all` or how many last depth groups fine-tuning unfreezes"),
-    ("--finetune-lr", "train.finetune_lr", {"type": float}, "base learning rate of fine-tuning"),
+    ("--finetune-lr", "train.finetune_lr", {"type": lambda v: v if v == "auto" else float(v)},
+     "base learning rate of fine-tuning, or auto"),
     ("--layer-decay", "train.layer_decay", {"type": float}, "per-group learning-rate decay in fine-tuning"),
     ("--schedule", "train.schedule", {"choices": ["two-phase", "gradual"]}, "the seed's two phases or gradual unfreezing"),
     ("--patience", "train.patience", {"type": int}, "stop a stage after N epochs without improvement"),
@@ -64,6 +66,7 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
      "run the frozen body every epoch instead of caching its features"),
     ("--cache-views", "cache.views", {"type": int}, "cached views per image (1: plain; more: augmented copies)"),
     ("--cache-dir", "cache.dir", {}, "feature cache folder"),
+    ("--no-report", "report", {"action": "store_const", "const": False}, "skip the HTML report at the end"),
     ("--output", "output", {}, "folder for run folders"),
     ("--name", "name", {}, "run folder name (default: time, model and data)"),
 ]
@@ -114,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     wi.add_argument("file")
     wi.add_argument("--force", action="store_true", help="replace a different file already installed")
     wsub.add_parser("where", help="print the folder torchvision loads weights from")
+
+    lf = sub.add_parser("lr-find", help="learning-rate range test for a stage; saves the plot, suggests a rate")
+    lf.add_argument("--config", help="YAML run config; flags override it")
+    lf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
+    lf.add_argument("--stage", type=int, default=1, help="which stage of the schedule (1 = the head stage)")
+    lf.add_argument("--steps", type=int, default=100, help="number of steps of the test")
+    lf.add_argument("--plot", default="lr_find.png", help="where to save the plot (PNG)")
+    _add_train_flags(lf, skip={"--output", "--name"})
+
+    r = sub.add_parser("report", help="write a run's HTML report (curves, confusion matrix, mistakes)")
+    r.add_argument("run_dir")
+    r.add_argument("--data", help="evaluate on this data source instead of the run's validation split")
 
     c = sub.add_parser("cache", help="show or remove cached features")
     c.add_argument("action", choices=["info", "clear"])
@@ -237,6 +252,30 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .api import prepare
+    from .lr_find import lr_find
+    from .optim import resolve_stages
+
+    cfg = resolve_config(args)
+    net, data = prepare(cfg)
+    stages = resolve_stages(cfg.train, net)
+    if not 1 <= args.stage <= len(stages):
+        raise HeadstartError(f"--stage {args.stage}: the schedule has {len(stages)} stage(s)")
+    result = lr_find(net, data, cfg, stages[args.stage - 1], steps=args.steps)
+    result.save_plot(args.plot)
+    print(f"suggested learning rate for stage {args.stage} ({stages[args.stage - 1].name}): {result.suggestion:.3g}")
+    print(f"plot saved to {args.plot}; use it with --lr (or lr: auto in a stage)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(f"report written to {write_report(args.run_dir, data_source=args.data)}")
+    return 0
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from .cache import cache_entries, cache_root, clear_cache
 
@@ -255,7 +294,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 COMMANDS = {"models": cmd_models, "inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval,
             "predict": cmd_predict, "weights": cmd_weights,
-            "cache": cmd_cache}
+            "cache": cmd_cache, "lr-find": cmd_lr_find,
+            "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

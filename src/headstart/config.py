@@ -93,8 +93,9 @@ class StageConfig:
     name: str = "head"
     epochs: int = 3
     freeze: str = "body"
-    # Base learning rate of the head; None inherits ``train.lr``.
-    lr: float | None = None
+    # Base learning rate of the head; None inherits ``train.lr``; ``auto`` runs the
+    # learning-rate range test at the start of the stage and uses its suggestion.
+    lr: float | str | None = None
     # Discriminative rates: depth group i of G gets ``lr * layer_decay ** (G - i)``.
     layer_decay: float = 1.0
     # Per-group multipliers by group name (``head`` included), applied after layer_decay.
@@ -111,7 +112,8 @@ class TrainConfig:
     # What the first (head) stage freezes: body, none, first:K or name patterns.
     freeze: str = "body"
     epochs: int = 5
-    lr: float = 1e-3
+    # A number, or ``auto`` (the learning-rate range test picks it at the start of the stage).
+    lr: float | str = 1e-3
     optimizer: str = "adamw"
     weight_decay: float = 0.01
     momentum: float = 0.9
@@ -136,7 +138,7 @@ class TrainConfig:
     finetune_epochs: int = 0
     # ``all`` or the number of last depth groups unfrozen for fine-tuning.
     finetune_unfreeze: str = "all"
-    finetune_lr: float = 3e-4
+    finetune_lr: float | str = 3e-4
     # BatchNorm while fine-tuning. ``eval-all`` keeps the pretrained statistics (scales and shifts
     # still train): on the digits demo it reached 97.2% against 92.5% with batch statistics,
     # whose switch from ImageNet to digit statistics first knocked accuracy down to 56%.
@@ -177,6 +179,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    # Write report/report.html (curves, confusion matrix, mistakes) at the end of training.
+    report: bool = True
     # Runs are written to ``output/name``; name None means a fresh timestamped name.
     output: str = "runs"
     name: str | None = None
@@ -217,7 +221,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
+        for i, tp_ in enumerate(inner):  # the first type that takes the value wins
+            try:
+                return _coerce(tp_, value, where)
+            except HeadstartError:
+                if i == len(inner) - 1:
+                    raise
+        raise HeadstartError(f"config {where}: cannot use {value!r}")
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]

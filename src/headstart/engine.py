@@ -304,6 +304,8 @@ def fit(
     for si, stage in enumerate(stages):
         if si < state["stage"]:
             continue
+        if stage.lr == "auto":
+            stage = _auto_lr(net, data, cfg, stage, run, say)
         apply_stage(net, stage)
         _announce_stage(net, stage, si, len(stages), say)
         inputs = StageInputs(net, data, cfg, device, say)
@@ -329,6 +331,21 @@ def fit(
         final = evaluate(net, make_loader(data.val, batch_size=cfg.data.batch_size * 2, shuffle=False,
                                           workers=cfg.data.workers, seed=tc.seed), data.classes, device)
     return FitResult(state["best"], final, state["history"], run.path if run else None, time.perf_counter() - start)
+
+
+def _auto_lr(net: Network, data: DataBundle, cfg: RunConfig, stage: StageConfig, run: RunDir | None,
+             say: Callable[[str], None]) -> StageConfig:
+    """The stage with its rate set by the learning-rate range test (plot saved in the run folder)."""
+    import dataclasses
+
+    from .lr_find import lr_find
+
+    result = lr_find(net, data, cfg, stage, say=lambda _: None)
+    if run is not None:
+        result.save_plot(run.path / "lr_find.png")
+        result.save_plot(run.path / f"lr_find-{stage.name}.png")
+    say(f"   learning-rate range test for stage {stage.name}: suggested lr {result.suggestion:.3g}")
+    return dataclasses.replace(stage, lr=result.suggestion)
 
 
 def _loss(tc: Any, data: DataBundle, device: torch.device) -> nn.Module:

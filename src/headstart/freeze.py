@@ -122,11 +122,15 @@ def bn_mode(net: Network) -> dict[str, str]:
     out = {}
     for g in net.groups:
         modes = {m.training for mod in net.group_modules(g) for m in mod.modules() if isinstance(m, _BatchNorm)}
-        out[g.name] = "-" if not modes else "train" if modes == {True} else "eval" if modes == {False} else "mixed"
+        out[g.name] = _mode_word(modes)
     modes = {m.training for m in net.head.modules() if isinstance(m, _BatchNorm)}
-    out["head"] = "-" if not modes else "train" if modes == {True} else "eval"
+    out["head"] = _mode_word(modes)
     net.train(was)
     return out
+
+
+def _mode_word(modes: set[bool]) -> str:
+    return "-" if not modes else "train" if modes == {True} else "eval" if modes == {False} else "mixed"
 
 
 def count_params(net: nn.Module) -> tuple[int, int]:

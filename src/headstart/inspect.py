@@ -70,9 +70,11 @@ def plan_text(net: Network, cfg: RunConfig) -> str:
     for i, stage in enumerate(resolve_stages(cfg.train, net), 1):
         apply_stage(net, stage)
         lr = stage.lr if stage.lr is not None else cfg.train.lr
-        lrs, states, modes = group_lrs(net, stage, lr), trainable_state(net), bn_mode(net)
+        auto = lr == "auto"
+        lrs = group_lrs(net, stage, 1.0 if auto else float(lr))
+        states, modes = trainable_state(net), bn_mode(net)
         lines.append(f"stage {i}: {stage.name}, {stage.epochs} epoch(s), freeze {stage.freeze}, BatchNorm {stage.bn}")
         for g in [*(g.name for g in net.groups), "head"]:
-            rate = f"lr {lrs[g]:.3g}" if states[g] != "frozen" else "frozen"
+            rate = "frozen" if states[g] == "frozen" else f"lr auto×{lrs[g]:.3g}" if auto else f"lr {lrs[g]:.3g}"
             lines.append(f"    {g:<14} {rate:<14} BatchNorm {modes.get(g, '-')}")
     return "\n".join(lines)

@@ -135,11 +135,11 @@ class Interpretation:
         return [self.prediction(int(idx[j])) for j in order]
 
     def per_class(self) -> list[ClassScore]:
-        """Precision, recall, F1 and support of each class, worst F1 first."""
+        """Precision, recall, F1 and support of each class, worst F1 first (classes with no images last)."""
         r = self.report
         rows = [ClassScore(c, r.precision[i], r.recall[i], r.f1[i], r.support[i], i)
                 for i, c in enumerate(r.classes)]
-        return sorted(rows, key=lambda s: (s.f1, s.recall, s.precision, -s.support, s.index))
+        return sorted(rows, key=lambda s: (s.support == 0, s.f1, s.recall, s.precision, -s.support, s.index))
 
     def confusion(self, normalised: bool = False) -> torch.Tensor:
         """The [true, predicted] matrix: counts, or each row as fractions of its class (0 for empty rows)."""

@@ -99,8 +99,16 @@ def param_groups(net: Network, stage: StageConfig, base_lr: float, weight_decay:
     return out
 
 
+def stage_lr(stage: StageConfig, cfg: TrainConfig) -> float:
+    """The stage's base learning rate as a number (``auto`` must have been resolved first)."""
+    lr = stage.lr if stage.lr is not None else cfg.lr
+    if isinstance(lr, str):
+        raise HeadstartError(f"stage {stage.name!r}: learning rate {lr!r} must be a number or auto")
+    return float(lr)
+
+
 def build_optimizer(net: Network, stage: StageConfig, cfg: TrainConfig) -> torch.optim.Optimizer:
-    base_lr = stage.lr if stage.lr is not None else cfg.lr
+    base_lr = stage_lr(stage, cfg)
     groups = param_groups(net, stage, base_lr, cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=base_lr)

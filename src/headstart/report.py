@@ -573,7 +573,7 @@ def _per_class_section(interp: Any, problem: str) -> str:
         rows.append([s.name, f"{s.precision:.3f}", f"{s.recall:.3f}", bar, s.support, confused])
     r = interp.report
     note = (f"Top-1 {r.top1:.2%}, top-5 {r.top5:.2%} on {sum(r.support)} images; "
-            f"worst F1 first. A class with no images has support 0 and scores 0.")
+            "worst F1 first; classes with no images here (support 0) come last.")
     header = ["class", "precision", "recall", "F1", "support", "most often mistaken for"]
     table = _table(header, rows, "scores")
     return _section("per-class", table, note)
