@@ -1,0 +1,316 @@
+"""Training options: feature cache, lr-find, imbalance handling, batch mixing, TTA, precision."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from headstart import cache as cache_mod
+from headstart.api import prepare
+from headstart.cli import main
+from headstart.config import RunConfig, apply_overrides
+from headstart.engine import fit
+from headstart.errors import HeadstartError
+from headstart.lr_find import lr_find, suggest
+
+TINY = {"model.name": "resnet18", "model.weights": "none", "model.input_size": 32, "data.limit_train": 48,
+        "data.limit_val": 24, "data.batch_size": 16, "train.progress": False, "train.epochs": 1}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_machine(tmp_path, monkeypatch):
+    # One thread: on a shared 2-core machine two threads per test process thrash.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(**extra) -> RunConfig:
+    return apply_overrides(RunConfig(), TINY | extra)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------- feature cache
+
+
+def _entries(tmp_path: Path) -> list[dict]:
+    return cache_mod.cache_entries(tmp_path / "cache")
+
+
+def test_cache_trains_head_from_stored_features_once(tmp_path):
+    cfg = _cfg(**{"train.epochs": 3})
+    net, data = prepare(cfg)
+    calls = []
+    original = net.body.forward
+    net.body.forward = lambda x: (calls.append(len(x)), original(x))[1]
+    fit(net, data, cfg, say=_quiet)
+    # The body saw each train and val image exactly once, not once per epoch.
+    assert sum(calls) == len(data.train) + len(data.val)
+    assert len(_entries(tmp_path)) == 2
+
+
+def test_cached_and_uncached_head_training_agree(tmp_path):
+    results = []
+    for enabled in (True, False):
+        cfg = _cfg(**{"train.epochs": 2, "cache.enabled": enabled, "data.augment": False})
+        net, data = prepare(cfg)
+        results.append((fit(net, data, cfg, say=_quiet), net.head.state_dict()))
+    (a, head_a), (b, head_b) = results
+    assert [r["val_acc"] for r in a.history] == [r["val_acc"] for r in b.history]
+    for k in head_a:
+        torch.testing.assert_close(head_a[k], head_b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_cache_key_changes_with_weights_preprocessing_and_files(tmp_path):
+    folder = _image_folder(tmp_path / "imgs")
+    base = {"data.source": str(folder), "data.limit_train": None, "data.limit_val": None}
+    cfg = _cfg(**base)
+    net, data = prepare(cfg)
+    fp = cache_mod.body_fingerprint(net)
+    key = cache_mod.make_key(net, fp, data.train, "photo", 0, 0)
+    assert key == cache_mod.make_key(net, fp, data.train, "photo", 0, 0)
+    # other weights
+    with torch.no_grad():
+        next(net.body.parameters()).add_(1.0)
+    assert cache_mod.make_key(net, cache_mod.body_fingerprint(net), data.train, "photo", 0, 0) != key
+    # other preprocessing
+    net2, _ = prepare(cfg)
+    net2.preprocessing = net2.preprocessing.scaled(40)
+    assert cache_mod.make_key(net2, fp, data.train, "photo", 0, 0) != key
+    # an image file rewritten (size/mtime change)
+    path = Path(data.train.paths[0])
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(path)
+    os.utime(path, ns=(1, 1))
+    assert cache_mod.make_key(net, fp, data.train, "photo", 0, 0) != key
+    # augmented views are separate entries
+    assert cache_mod.make_key(net, fp, data.train, "photo", 1, 0) != key
+
+
+def test_interrupted_extraction_is_never_read_as_complete(tmp_path, monkeypatch):
+    cfg = _cfg()
+    net, data = prepare(cfg)
+    fp = cache_mod.body_fingerprint(net)
+    root = tmp_path / "cache"
+    kwargs = dict(body_fp=fp, kind=data.kind, view=0, seed=0, root=root, batch_size=16,
+                  device=torch.device("cpu"), progress=False, desc="t")
+    real = net.features
+    seen = []
+
+    def dying(x):
+        seen.append(1)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # killed in the middle of extraction
+        return real(x)
+
+    monkeypatch.setattr(net, "features", dying)
+    with pytest.raises(KeyboardInterrupt):
+        cache_mod.cached_features(net, data.train, **kwargs)
+    entry = cache_mod.FeatureCache(root, cache_mod.make_key(net, fp, data.train, data.kind, 0, 0))
+    assert not entry.complete(0)
+    assert not list(entry.folder.glob("*.tmp"))
+    monkeypatch.setattr(net, "features", real)
+    feats = cache_mod.cached_features(net, data.train, **kwargs)
+    assert entry.complete(0) and len(feats) == len(data.train)
+    from headstart.data import build_transform
+
+    data.train.transform = build_transform(net.preprocessing, train=False, augment=False, kind=data.kind)
+    with torch.no_grad():
+        net.eval()
+        expect = net.features(torch.stack([data.train[i][0] for i in range(4)]))
+    torch.testing.assert_close(torch.stack([feats[i][0] for i in range(4)]), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_fine_tuning_stage_bypasses_the_cache(tmp_path):
+    cfg = _cfg(**{"train.finetune_epochs": 1})
+    net, data = prepare(cfg)
+    calls = []
+    original = net.body.forward
+    net.body.forward = lambda x: (calls.append(len(x)), original(x))[1]
+    fit(net, data, cfg, say=_quiet)
+    # head stage: one pass each over train and val; fine-tuning: a full pass per epoch plus val
+    assert sum(calls) > 2 * (len(data.train) + len(data.val)) - 16
+
+
+def test_cache_views_cycle_through_augmented_copies(tmp_path):
+    cfg = _cfg(**{"train.epochs": 3, "cache.views": 2})
+    net, data = prepare(cfg)
+    fit(net, data, cfg, say=_quiet)
+    views = sorted(e["views"] for e in _entries(tmp_path))
+    assert views == [1, 1, 1]  # val, train view 0, train view 1 (an entry each)
+
+
+def test_cache_cli_info_and_clear(tmp_path, capsys):
+    cfg = _cfg()
+    net, data = prepare(cfg)
+    fit(net, data, cfg, say=_quiet)
+    assert main(["cache", "info"]) == 0
+    assert "2 entr(ies)" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0
+    assert _entries(tmp_path) == []
+
+
+def test_no_cache_flag_runs_body_every_epoch(tmp_path):
+    cfg = _cfg(**{"train.epochs": 2, "cache.enabled": False})
+    net, data = prepare(cfg)
+    fit(net, data, cfg, say=_quiet)
+    assert _entries(tmp_path) == []
+
+
+# ---------------------------------------------------------------------- lr-find
+
+
+def test_lr_find_restores_weights_and_suggests_a_rate_inside_the_range(tmp_path):
+    cfg = _cfg(**{"model.weights": "none", "data.limit_train": 96})
+    net, data = prepare(cfg)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    res = lr_find(net, data, cfg, steps=30, say=_quiet)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert len(res.lrs) >= 5 and res.lrs == sorted(res.lrs)
+    assert res.lrs[0] <= res.suggestion <= res.lrs[-1]
+    png = res.save_plot(tmp_path / "lr.png")
+    assert png.stat().st_size > 5000
+
+
+def test_suggest_picks_the_steepest_descent_not_the_minimum():
+    lrs = list(np.logspace(-6, 0, 60))
+    losses = [2.3 - 2.0 / (1 + np.exp(-(np.log10(lr) + 3) * 3)) for lr in lrs]  # sigmoid drop around 1e-3
+    losses[-5:] = [3, 4, 5, 6, 7]
+    s = suggest(lrs, losses)
+    assert 3e-4 < s < 3e-3
+
+
+def test_train_with_lr_auto_saves_the_plot(tmp_path, capsys):
+    args = ["train", "--model", "resnet18", "--weights", "none", "--input-size", "32", "--limit-train", "64",
+            "--limit-val", "16", "--batch-size", "16", "--epochs", "1", "--lr", "auto", "--no-progress",
+            "--no-report", "--output", str(tmp_path), "--name", "auto"]
+    assert main(args) == 0
+    assert "suggested lr" in capsys.readouterr().out
+    assert (tmp_path / "auto" / "lr_find.png").exists()
+    rows = [json.loads(x) for x in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["lrs"]["head"] != 1e-3
+
+
+# ---------------------------------------------------------------------- imbalance, mixing, augment
+
+
+def _image_folder(root: Path, counts=(12, 12, 12)) -> Path:
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    rng = np.random.default_rng(0)
+    for c, (n, col) in enumerate(zip(counts, colours)):
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            a = np.clip(np.array(col) + rng.integers(-20, 20, (24, 24, 3)), 0, 255).astype("uint8")
+            Image.fromarray(a).save(d / f"{i}.png")
+    return root
+
+
+def test_balanced_sampler_draws_classes_equally(tmp_path):
+    from headstart.engine import _epoch_loader
+
+    folder = _image_folder(tmp_path / "imb", counts=(40, 8, 4))
+    cfg = _cfg(**{"data.source": str(folder), "data.limit_train": None, "data.limit_val": None,
+                  "data.balanced": True, "data.val_split": 0.25, "data.batch_size": 8})
+    _, data = prepare(cfg)
+    drawn = []
+    for seed in range(20):
+        sampler = _epoch_loader(data.train, cfg, seed, 0).sampler
+        drawn += [data.train.targets[i] for i in sampler]
+    share = np.bincount(drawn) / len(drawn)
+    assert np.all(np.abs(share - 1 / 3) < 0.06), share
+
+
+def test_class_weights_weight_the_loss_by_inverse_frequency(tmp_path):
+    from headstart.engine import _loss
+
+    folder = _image_folder(tmp_path / "imb", counts=(30, 10, 5))
+    cfg = _cfg(**{"data.source": str(folder), "data.limit_train": None, "data.limit_val": None,
+                  "train.class_weights": True})
+    _, data = prepare(cfg)
+    w = _loss(cfg.train, data, torch.device("cpu")).weight
+    counts = np.bincount(data.train.targets)
+    assert w[2] > w[1] > w[0]
+    torch.testing.assert_close(w * torch.tensor(counts, dtype=torch.float32),
+                               torch.full((3,), float(len(data.train)) / 3))
+
+
+def test_mixup_and_cutmix_train_on_images(tmp_path):
+    folder = _image_folder(tmp_path / "mix")
+    cfg = _cfg(**{"data.source": str(folder), "data.limit_train": None, "data.limit_val": None,
+                  "train.freeze": "none", "train.mixup": 0.4, "train.cutmix": 1.0,
+                  "data.auto_augment": "trivialaugment"})
+    net, data = prepare(cfg)
+    res = fit(net, data, cfg, say=_quiet)
+    assert np.isfinite(res.history[0]["train_loss"])
+
+
+def test_unknown_augment_policy_is_a_user_error():
+    from headstart.data import build_transform
+    from headstart.preprocess import Preprocessing
+
+    with pytest.raises(HeadstartError, match="randaugment"):
+        build_transform(Preprocessing(crop=32, resize=36), train=True, augment=True, policy="autoaug")
+
+
+def test_randaugment_changes_train_images_only():
+    from headstart.data import build_transform
+    from headstart.preprocess import Preprocessing
+
+    pre = Preprocessing(crop=32, resize=36)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    ev = build_transform(pre, train=False, augment=True, policy="randaugment")
+    assert torch.equal(ev(img), ev(img))
+    tr = build_transform(pre, train=True, augment=True, policy="randaugment")
+    torch.manual_seed(0)
+    assert not torch.equal(tr(img), tr(img))
+
+
+# ---------------------------------------------------------------------- TTA and precision
+
+
+def test_eval_with_tta_averages_a_flipped_view(tmp_path, capsys):
+    folder = _image_folder(tmp_path / "tta")
+    args = ["train", "--model", "resnet18", "--weights", "none", "--input-size", "32", "--data", str(folder),
+            "--epochs", "1", "--no-progress", "--no-report", "--output", str(tmp_path), "--name", "t"]
+    assert main(args) == 0
+    from headstart.api import evaluate_checkpoint
+    from headstart.engine import predict_logits
+
+    plain = evaluate_checkpoint(tmp_path / "t", str(folder), split="all")
+    tta = evaluate_checkpoint(tmp_path / "t", str(folder), split="all", tta=True)
+    assert plain.loss != tta.loss
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return x[:, 0, 0, :2]  # looks at the left edge: mirroring changes it
+
+    x = torch.arange(8.0).reshape(1, 1, 1, 8).expand(2, 3, 1, 8).contiguous()
+    logits, _ = predict_logits(Net(), [(x, torch.tensor([0, 1]))], torch.device("cpu"), tta=True)
+    probs = (x[:, 0, 0, :2].softmax(1) + x.flip(3)[:, 0, 0, :2].softmax(1)) / 2
+    torch.testing.assert_close(logits.softmax(1), probs)
+
+
+def test_bf16_autocast_runs_on_cpu_and_fp16_is_refused():
+    from headstart.speed import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu).dtype is None
+    assert resolve_precision("bf16", cpu).dtype == torch.bfloat16
+    with pytest.raises(HeadstartError, match="fp16"):
+        resolve_precision("fp16", cpu)
+    cfg = _cfg(**{"train.precision": "bf16", "train.freeze": "none", "train.channels_last": True})
+    net, data = prepare(cfg)
+    res = fit(net, data, cfg, say=_quiet)
+    assert np.isfinite(res.history[0]["train_loss"])
