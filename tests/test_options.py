@@ -314,3 +314,19 @@ def test_bf16_autocast_runs_on_cpu_and_fp16_is_refused():
     net, data = prepare(cfg)
     res = fit(net, data, cfg, say=_quiet)
     assert np.isfinite(res.history[0]["train_loss"])
+
+
+def test_tensorboard_event_files_hold_steps_epochs_confusion_and_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["train", "--model", "resnet18", "--weights", "none", "--input-size", "32", "--limit-train", "48",
+            "--limit-val", "16", "--batch-size", "16", "--epochs", "2", "--finetune-epochs", "1",
+            "--no-progress", "--no-report", "--output", str(tmp_path), "--name", "tb"]
+    assert main(args) == 0
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    assert {"step/train_loss", "epoch/val_acc", "lr/head", "lr/layer4"} <= set(tags["scalars"])
+    assert [e.step for e in ea.Scalars("epoch/val_acc")] == [1, 2, 3]
+    assert tags["images"] == ["confusion_matrix"]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

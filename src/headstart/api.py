@@ -60,7 +60,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     started = time.perf_counter()
     state = None
     if resume is not None:
-        run = RunDir(resume)
+        run = RunDir(resume, tensorboard=True)
         state = checkpoint.read(run.path / "last.pt")
         cfg = from_dict(RunConfig, state["config"])
         run.truncate_history(len(state["train_state"]["history"]))
@@ -69,16 +69,35 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     if state is not None:
         net.load_state_dict(state["state_dict"])
     else:
-        run = RunDir.new(cfg)
+        run = RunDir.new(cfg, tensorboard=cfg.tensorboard)
         run.write_config(cfg)
     say(describe_job(net, data, cfg))
     result = fit(net, data, cfg, run, resume=state, say=say)
-    run.write_summary(summary(net, data, cfg, result, time.perf_counter() - started))
+    info = summary(net, data, cfg, result, time.perf_counter() - started)
+    run.write_summary(info)
+    _tensorboard_final(run, cfg, result)
+    run.close()
     say(f"\nfinal validation accuracy {result.final.top1:.2%} (best {result.best_accuracy:.2%}); "
         f"model saved to {run.path / 'best.pt'}")
     if cfg.report:
         _write_report(run, say)
     return result
+
+
+def _tensorboard_final(run: RunDir, cfg: RunConfig, result: FitResult) -> None:
+    """Hyper-parameters with the final metrics, and the confusion matrix as an image."""
+    png = None
+    if result.final is not None and run._tb is not None:
+        from .report import confusion_heatmap_png
+
+        png = confusion_heatmap_png(result.final)
+    hparams = {"model": cfg.model.name, "weights": cfg.model.weights, "head": cfg.head.kind,
+               "lr": cfg.train.lr, "finetune_lr": cfg.train.finetune_lr, "epochs": cfg.train.epochs,
+               "finetune_epochs": cfg.train.finetune_epochs, "batch_size": cfg.data.batch_size,
+               "optimizer": cfg.train.optimizer, "freeze": cfg.train.freeze, "seed": cfg.train.seed}
+    metrics = {"best_val_acc": result.best_accuracy,
+               "final_val_acc": result.final.top1 if result.final else float("nan")}
+    run.tb_final(hparams, metrics, png)
 
 
 def _write_report(run: RunDir, say: Callable[[str], None]) -> None:

@@ -66,6 +66,7 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
      "run the frozen body every epoch instead of caching its features"),
     ("--cache-views", "cache.views", {"type": int}, "cached views per image (1: plain; more: augmented copies)"),
     ("--cache-dir", "cache.dir", {}, "feature cache folder"),
+    ("--no-tensorboard", "tensorboard", {"action": "store_const", "const": False}, "no TensorBoard event files"),
     ("--no-report", "report", {"action": "store_const", "const": False}, "skip the HTML report at the end"),
     ("--output", "output", {}, "folder for run folders"),
     ("--name", "name", {}, "run folder name (default: time, model and data)"),

@@ -181,6 +181,8 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     # Write report/report.html (curves, confusion matrix, mistakes) at the end of training.
     report: bool = True
+    # TensorBoard event files in the run folder (``tensorboard --logdir runs/``).
+    tensorboard: bool = True
     # Runs are written to ``output/name``; name None means a fresh timestamped name.
     output: str = "runs"
     name: str | None = None

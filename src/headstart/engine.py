@@ -92,6 +92,7 @@ def train_one_epoch(
     precision: Precision | None = None,
     mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     channels_last: bool = False,
+    after_step: Callable[[float, torch.optim.Optimizer], None] | None = None,
 ) -> EpochStats:
     """One pass over ``loader``, stepping the optimizer and the per-step schedule.
 
@@ -118,6 +119,8 @@ def train_one_epoch(
                 loss = loss + AUX_WEIGHT * loss_fn(a.float(), y)
         opt.zero_grad(set_to_none=True)
         _backward_step(loss, opt, precision, on_step)
+        if after_step is not None:
+            after_step(float(loss.detach()), opt)  # before the schedule moves: the rate just used
         sched.step()
         n = y.shape[0]
         total_loss += float(loss.detach()) * n
@@ -316,7 +319,8 @@ def fit(
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
         for epoch in range(state["epoch"], stage.epochs):
-            row, final = _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, inputs, device, state)
+            row, final = _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, inputs, device, state,
+                                    run)
             state["history"].append(row)
             state["seconds"] = time.perf_counter() - start
             say(_epoch_line(row, stage))
@@ -370,7 +374,7 @@ def _initial_state(resume: dict[str, Any] | None) -> dict[str, Any]:
     return ts
 
 
-def _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, inputs, device, state
+def _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, inputs, device, state, run=None
                ) -> tuple[dict[str, Any], ClassReport]:
     tc = cfg.train
     epoch_seed = tc.seed * 100_003 + state["global_epoch"]
@@ -379,8 +383,16 @@ def _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, inputs, de
     loader = _epoch_loader(train_set, cfg, epoch_seed, inputs.workers)
     lrs = _group_lrs(opt)
     desc = f"{stage.name} {epoch + 1}/{stage.epochs}"
+    state.setdefault("step", 0)
+
+    def after_step(loss: float, o: torch.optim.Optimizer) -> None:
+        state["step"] += 1
+        if run is not None:
+            run.tb_step(state["step"], loss, _group_lrs(o))
+
     tr = train_one_epoch(net, loader, opt, sched, loss_fn, device, tc.progress, desc, forward=inputs.forward(),
-                         precision=inputs.precision, mix=inputs.mix(), channels_last=inputs.channels_last)
+                         precision=inputs.precision, mix=inputs.mix(), channels_last=inputs.channels_last,
+                         after_step=after_step)
     report = evaluate(inputs.eval_model(), inputs.val_loader(), data.classes, device)
     state["global_epoch"] += 1
     return {
@@ -402,6 +414,7 @@ def _track_best(state: dict[str, Any], row: dict[str, Any], patience: int | None
 
 def _save_epoch(run: RunDir, net, data, cfg, state, si, epoch, opt, sched, row) -> None:
     run.log_epoch(row)
+    run.tb_epoch(row)
     record = checkpoint.model_record(net, data.classes, data.kind) | {"config": to_dict(cfg), "metrics": row}
     if row["best"]:
         checkpoint.save(run.path / "best.pt", record)

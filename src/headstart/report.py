@@ -819,3 +819,15 @@ __all__ = [
     "thumbnail",
     "write_report",
 ]
+
+
+def confusion_heatmap_png(report: Any) -> bytes:
+    """The row-normalised confusion matrix of a :class:`~headstart.metrics.ClassReport` as PNG bytes
+    (for TensorBoard, where the full report's interpretation is not at hand)."""
+    cm = report.confusion.double()
+    norm = (cm / cm.sum(1, keepdim=True).clamp(min=1)).numpy() * 100
+    n = len(report.classes)
+    side = max(3.5, n * (0.5 if n <= 10 else 0.3 if n <= 30 else 0.13)) + 1.5
+    fig = _new_figure(side + 1.2, side)
+    _heatmap(fig, fig.subplots(), norm, report.classes, "validation confusion (% of true class)", percent=True)
+    return figure_png(fig)

@@ -9,25 +9,71 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, save_yaml
 
+log = logging.getLogger(__name__)
 CSV_FIELDS = ["global_epoch", "stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
               "seconds", "images_per_s", "lr_head"]
 
 
 class RunDir:
-    """A run folder; created on construction, appended to as training goes."""
+    """A run folder; created on construction, appended to as training goes.
 
-    def __init__(self, path: str | Path) -> None:
+    With ``tensorboard`` on, TensorBoard event files are written into the folder too, so
+    ``tensorboard --logdir runs/`` shows every run: per-step loss and learning rates, per-epoch
+    metrics, the final confusion matrix and the run's hyper-parameters.
+    """
+
+    def __init__(self, path: str | Path, tensorboard: bool = False) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._tb: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the tensorboard package is optional at run time
+                log.info("tensorboard is not installed: no event files for %s", self.path)
+            else:
+                self._tb = SummaryWriter(log_dir=str(self.path))
+
+    def tb_step(self, step: int, loss: float, lrs: dict[str, float]) -> None:
+        if self._tb is not None:
+            self._tb.add_scalar("step/train_loss", loss, step)
+            for name, lr in lrs.items():
+                self._tb.add_scalar(f"lr/{name}", lr, step)
+
+    def tb_epoch(self, row: dict[str, Any]) -> None:
+        if self._tb is not None:
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "images_per_s"):
+                self._tb.add_scalar(f"epoch/{key}", row[key], row["global_epoch"])
+
+    def tb_final(self, hparams: dict[str, Any], metrics: dict[str, float], confusion_png: bytes | None) -> None:
+        if self._tb is None:
+            return
+        if confusion_png is not None:
+            import io
+
+            import numpy as np
+            from PIL import Image
+
+            image = np.asarray(Image.open(io.BytesIO(confusion_png)).convert("RGB"))
+            self._tb.add_image("confusion_matrix", image, dataformats="HWC")
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        self._tb.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     @classmethod
-    def new(cls, cfg: RunConfig) -> "RunDir":
+    def new(cls, cfg: RunConfig, tensorboard: bool = False) -> "RunDir":
         """A fresh folder under ``cfg.output``, named ``cfg.name`` or by time, model and data."""
         root = Path(cfg.output).expanduser()
         if cfg.name:
@@ -40,7 +86,7 @@ class RunDir:
         while path.exists() and any(path.iterdir()):
             i += 1
             path = root / f"{name}-{i}"
-        return cls(path)
+        return cls(path, tensorboard)
 
     def write_config(self, cfg: RunConfig) -> None:
         save_yaml(cfg, self.path / "config.yaml")
