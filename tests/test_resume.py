@@ -48,8 +48,8 @@ def test_kill_in_second_stage_then_resume_matches_uninterrupted(tmp_path, monkey
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert 2 <= len(rows) < 4, "the kill must land inside the fine-tuning stage"
     assert rows[-1]["stage"] == "finetune"
-    assert not list(run.glob(".*.tmp")) or True  # a torn temp file may remain; the real files are whole
-    torch.load(run / "last.pt", weights_only=True)  # never torn
+    # SIGKILL may leave a temporary file behind, but the checkpoint itself is never torn.
+    torch.load(run / "last.pt", weights_only=True)
 
     assert main(["train", "--resume", str(run)]) == 0
     whole, resumed = _state(tmp_path / "whole" / "last.pt"), _state(run / "last.pt")
