@@ -57,22 +57,31 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     ``resume`` is a run folder whose ``last.pt`` the job continues from; the run's saved config
     is used and ``cfg`` is ignored.
     """
+    from .distributed import init_from_env
+
     started = time.perf_counter()
+    w = init_from_env(cfg.train.device)
+    if not w.main:
+        say = _silent
     state = None
     if resume is not None:
-        run = RunDir(resume, tensorboard=True)
+        run = RunDir(resume, tensorboard=w.main)
         state = checkpoint.read(run.path / "last.pt")
         cfg = from_dict(RunConfig, state["config"])
-        run.truncate_history(len(state["train_state"]["history"]))
+        if w.main:
+            run.truncate_history(len(state["train_state"]["history"]))
         say(f"resuming {run.path} after epoch {state['train_state']['global_epoch']}")
     net, data = prepare(cfg)
     if state is not None:
         net.load_state_dict(state["state_dict"])
     else:
-        run = RunDir.new(cfg, tensorboard=cfg.tensorboard)
-        run.write_config(cfg)
+        run = RunDir.new(cfg, tensorboard=cfg.tensorboard) if w.main else None
+        if run is not None:
+            run.write_config(cfg)
     say(describe_job(net, data, cfg))
-    result = fit(net, data, cfg, run, resume=state, say=say)
+    result = fit(net, data, cfg, run if w.main else None, resume=state, say=say)
+    if not w.main:  # rank 0 writes everything below
+        return result
     info = summary(net, data, cfg, result, time.perf_counter() - started)
     run.write_summary(info)
     _tensorboard_final(run, cfg, result)
@@ -82,6 +91,10 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     if cfg.report:
         _write_report(run, say)
     return result
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _tensorboard_final(run: RunDir, cfg: RunConfig, result: FitResult) -> None:

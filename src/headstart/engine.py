@@ -29,6 +29,8 @@ from .network import Network
 from .optim import apply_stage, build_optimizer, build_scheduler, resolve_stages
 from .progress import Progress
 from .runs import RunDir
+from .distributed import ShardSampler, all_sum, barrier, ddp_forward, init_from_env, local_device, per_rank_batch
+from .distributed import world as current_world
 from .speed import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -128,7 +130,8 @@ def train_one_epoch(
         correct += int((logits.detach().argmax(1) == hard).sum())
         seen += n
         bar.update(n, loss=total_loss / seen, acc=correct / seen)
-    return EpochStats(total_loss / max(1, seen), correct / max(1, seen), seen, time.perf_counter() - start)
+    total_loss, correct, seen = all_sum(total_loss, correct, seen)  # over all ranks under torchrun
+    return EpochStats(total_loss / max(1, seen), correct / max(1, seen), int(seen), time.perf_counter() - start)
 
 
 def _backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, precision: Precision,
@@ -186,7 +189,10 @@ def _epoch_loader(dataset: Any, cfg: RunConfig, epoch_seed: int, workers: int | 
         sampler: Any = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=gen)
     else:
         sampler = RandomSampler(dataset, generator=gen)
-    return make_loader(dataset, batch_size=cfg.data.batch_size, shuffle=False, workers=workers,
+    w = current_world()
+    if w.enabled:  # every rank draws the same permutation and takes its share of it
+        sampler = ShardSampler(sampler, w)
+    return make_loader(dataset, batch_size=per_rank_batch(cfg.data.batch_size), shuffle=False, workers=workers,
                        seed=epoch_seed, sampler=sampler, drop_last=len(dataset) > cfg.data.batch_size)
 
 
@@ -225,6 +231,17 @@ class StageInputs:
     def _features(self, ds: Any, view: int, desc: str) -> Any:
         from .cache import cached_features
 
+        # Under torchrun rank 0 extracts; the others wait, then read the same complete entry.
+        if not current_world().main:
+            barrier()
+        out = self._extract(ds, view, desc)
+        if current_world().main:
+            barrier()
+        return out
+
+    def _extract(self, ds: Any, view: int, desc: str) -> Any:
+        from .cache import cached_features
+
         return cached_features(self.net, ds, body_fp=self.body_fp, kind=self.data.kind, view=view,
                                seed=self.cfg.train.seed, root=self.root, batch_size=self.cfg.data.batch_size * 2,
                                device=self.device, progress=self.cfg.train.progress, desc=desc,
@@ -239,14 +256,21 @@ class StageInputs:
         return self.views[view]
 
     def forward(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None:
+        if not hasattr(self, "_forward"):
+            self._forward = self._build_forward()
+        return self._forward
+
+    def _build_forward(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None:
         if self.cached:
-            return lambda f: (self.net.head(f), [])
-        if self.cfg.train.compile:
+            fn, owner = (lambda f: (self.net.head(f), [])), self.net.head
+        elif self.cfg.train.compile:
             # Compiling the bound method keeps the module tree (and state_dict keys) as they are.
-            if not hasattr(self, "_compiled"):
-                self._compiled = torch.compile(self.net.forward_train)
-            return self._compiled
-        return None
+            fn, owner = torch.compile(self.net.forward_train), self.net
+        else:
+            fn, owner = self.net.forward_train, self.net
+        if current_world().enabled:
+            return ddp_forward(fn, owner, self.device, find_unused=bool(self.net.aux))
+        return None if fn == self.net.forward_train else fn
 
     def mix(self) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
         """MixUp and/or CutMix on image batches (one of them per batch when both are on)."""
@@ -292,7 +316,11 @@ def fit(
     is a ``last.pt`` checkpoint to continue from, mid-schedule.
     """
     tc = cfg.train
-    device = pick_device(tc.device)
+    w = init_from_env(tc.device)
+    device = pick_device(local_device(tc.device))
+    if not w.main:  # only rank 0 talks and writes
+        say, run = (lambda _: None), None
+        cfg = _quiet_copy(cfg)
     set_cpu_speed_flags()
     net.to(device)
     stages = resolve_stages(tc, net)
@@ -359,6 +387,14 @@ def _loss(tc: Any, data: DataBundle, device: torch.device) -> nn.Module:
         counts = torch.bincount(torch.as_tensor(data.train.targets), minlength=len(data.classes)).double()
         weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).float().to(device)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=tc.label_smoothing)
+
+
+def _quiet_copy(cfg: RunConfig) -> RunConfig:
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.progress = False
+    return cfg
 
 
 def _next_stage(state: dict[str, Any], si: int) -> None:
