@@ -303,7 +303,8 @@ def test_timm_first_k_freezes_its_groups(lite0):
     state = trainable_state(net)
     assert state["stem"] == state["stage1"] == "frozen"
     assert all(s == "trainable" for g, s in state.items() if g not in ("stem", "stage1"))
-    assert _frozen(net) == {"body." + n for n, _ in net.body.named_parameters() if net.group_of(n) in ("stem", "stage1")}
+    early = ("stem", "stage1")
+    assert _frozen(net) == {"body." + n for n, _ in net.body.named_parameters() if net.group_of(n) in early}
     net.train()
     assert not net.body.bn1.training and not net.body.blocks[0][0].bn1.training
     assert net.body.blocks[-1][0].bn1.training

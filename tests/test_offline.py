@@ -68,7 +68,8 @@ def test_readme_python_steps_run_as_written(tmp_path, monkeypatch, no_network):
     block = re.search(r"## Python.*?```python\n(.*?)```", text, re.S).group(1)
     block = block.replace("cfg.train.epochs = 5", "cfg.train.epochs = 1")
     block = block.replace("cfg.train.finetune_epochs = 3", "cfg.train.finetune_epochs = 1")
-    block = block.replace('hs.DataConfig(source="digits")', 'hs.DataConfig(source="digits", limit_train=64, limit_val=32)')
+    small = 'hs.DataConfig(source="digits", limit_train=64, limit_val=32)'
+    block = block.replace('hs.DataConfig(source="digits")', small)
     block = block.replace("cfg = hs.RunConfig()", "cfg = hs.RunConfig(); cfg.train.progress = False")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}

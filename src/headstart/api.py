@@ -17,8 +17,9 @@ Example (the seed's workflow, offline, on the bundled digits)::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -32,7 +33,6 @@ from .freeze import count_params
 from .metrics import ClassReport
 from .network import Network
 from .runs import RunDir
-
 
 # The digits are 8x8 pixels: 64 px keeps every pretrained stage's receptive field meaningful at a
 # twelfth of 224 px's compute.

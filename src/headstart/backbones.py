@@ -15,9 +15,10 @@ import difflib
 import fnmatch
 import logging
 import urllib.error
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torchvision

@@ -14,8 +14,9 @@ import io
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import __version__
 from .config import RunConfig, apply_overrides, load_yaml
@@ -55,7 +56,8 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("--finetune-lr", "train.finetune_lr", {"type": lambda v: v if v == "auto" else float(v)},
      "base learning rate of fine-tuning, or auto"),
     ("--layer-decay", "train.layer_decay", {"type": float}, "per-group learning-rate decay in fine-tuning"),
-    ("--schedule", "train.schedule", {"choices": ["two-phase", "gradual"]}, "the seed's two phases or gradual unfreezing"),
+    ("--schedule", "train.schedule", {"choices": ["two-phase", "gradual"]},
+     "the seed's two phases or gradual unfreezing"),
     ("--patience", "train.patience", {"type": int}, "stop a stage after N epochs without improvement"),
     ("--seed", "train.seed", {"type": int}, "random seed (a CPU run repeats exactly)"),
     ("--device", "train.device", {}, "auto, cpu, cuda or cuda:N"),

@@ -9,9 +9,11 @@ the same files), and lets only rank 0 write logs, checkpoints and reports.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -80,7 +82,7 @@ class ShardSampler(Sampler[int]):
     def _indices(self) -> list[int]:
         order = list(self.base)
         # Pad by wrapping so every rank takes the same number of steps (DDP needs that).
-        total = -(-len(order) // self.w.size) * self.w.size
+        total = math.ceil(len(order) / self.w.size) * self.w.size
         order += order[: total - len(order)]
         return order[self.w.rank :: self.w.size]
 
@@ -88,7 +90,7 @@ class ShardSampler(Sampler[int]):
         return iter(self._indices())
 
     def __len__(self) -> int:
-        return -(-len(self.base) // self.w.size)
+        return math.ceil(len(self.base) / self.w.size)
 
 
 class _Forward(nn.Module):

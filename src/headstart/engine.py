@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,17 @@ from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from . import checkpoint
 from .config import RunConfig, StageConfig, to_dict
-from .data import DataBundle, build_transform, make_loader
+from .data import DataBundle, make_loader
+from .distributed import (
+    ShardSampler,
+    all_sum,
+    barrier,
+    ddp_forward,
+    init_from_env,
+    local_device,
+    per_rank_batch,
+)
+from .distributed import world as current_world
 from .errors import HeadstartError
 from .freeze import count_params, trainable_state
 from .metrics import ClassReport, class_report
@@ -29,8 +40,6 @@ from .network import Network
 from .optim import apply_stage, build_optimizer, build_scheduler, resolve_stages
 from .progress import Progress
 from .runs import RunDir
-from .distributed import ShardSampler, all_sum, barrier, ddp_forward, init_from_env, local_device, per_rank_batch
-from .distributed import world as current_world
 from .speed import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -229,7 +238,6 @@ class StageInputs:
             self.val, self.workers = data.val, cfg.data.workers
 
     def _features(self, ds: Any, view: int, desc: str) -> Any:
-        from .cache import cached_features
 
         # Under torchrun rank 0 extracts; the others wait, then read the same complete entry.
         if not current_world().main:

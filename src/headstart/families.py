@@ -7,8 +7,8 @@ listing the body's depth groups from input to output. Adding a family is adding 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -108,7 +108,8 @@ def _pairs(extra_last: list[str] | None = None) -> Callable[[nn.Module], list[Gr
 
     def groups(model: nn.Module) -> list[Group]:
         n = len(model.features)
-        out = [Group("stem" if i == 0 else f"stage{i // 2}", [f"features.{i}", f"features.{i + 1}"]) for i in range(0, n, 2)]
+        out = [Group("stem" if i == 0 else f"stage{i // 2}", [f"features.{i}", f"features.{i + 1}"])
+               for i in range(0, n, 2)]
         out[-1].prefixes += extra_last or []
         return out
 

@@ -95,7 +95,8 @@ def param_groups(net: Network, stage: StageConfig, base_lr: float, weight_decay:
                 wd = weight_decay if decay else 0.0
                 out.append({"name": gname, "params": chosen, "lr": lrs[gname], "weight_decay": wd})
     if not out:
-        raise HeadstartError(f"stage {stage.name!r} trains nothing: its freeze spec {stage.freeze!r} freezes everything")
+        raise HeadstartError(
+            f"stage {stage.name!r} trains nothing: its freeze spec {stage.freeze!r} freezes everything")
     return out
 
 
@@ -135,6 +136,7 @@ def lr_factor(step: int, total: int, warmup: float, kind: str = "cosine") -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(opt: torch.optim.Optimizer, total_steps: int,
+                    cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step schedule over one stage; it scales every group's own rate by the same factor."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg.warmup, cfg.scheduler))
