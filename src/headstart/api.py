@@ -151,7 +151,7 @@ def summary(net: Network, data: Any, cfg: RunConfig, result: FitResult, seconds:
     for row in result.history:
         s = stages.setdefault(row["stage"], {"epochs": 0, "seconds": 0.0, "images_per_s": 0.0})
         s["epochs"] += 1
-        s["seconds"] += row["seconds"]
+        s["seconds"] += row["seconds"] + row.get("setup_seconds", 0.0)  # feature caching included
         s["images_per_s"] = row["images_per_s"]
     total, trainable = count_params(net)
     return {

@@ -143,8 +143,10 @@ class TrainConfig:
     # still train): on the digits demo it reached 97.2% against 92.5% with batch statistics,
     # whose switch from ImageNet to digit statistics first knocked accuracy down to 56%.
     finetune_bn: str = "eval-all"
-    # Discriminative rates in the fine-tuning stage (see StageConfig.layer_decay).
-    layer_decay: float = 1.0
+    # Discriminative rates in the fine-tuning stage (see StageConfig.layer_decay): the deepest
+    # group trains at 0.7x the head's rate, the stem at 0.7^G. Measured with mobilenet_v2, 2-3
+    # fine-tuning epochs: an 800-image CIFAR-10 folder 58.8% -> 66.9% (0.6), digits 97.5% -> 96.1%.
+    layer_decay: float = 0.7
     # ``two-phase`` (the seed's) or ``gradual`` (one more depth group per epoch, deepest first).
     schedule: str = "two-phase"
     # When set, replaces the two phases above.

@@ -224,6 +224,7 @@ class StageInputs:
         self.cached = cfg.cache.enabled and body_frozen
         self.views: dict[int, Any] = {}
         self.body_fp = ""
+        self.setup_seconds = 0.0  # feature extraction, counted in the stage's time
         if self.cached:
             from .cache import body_fingerprint, cache_root
 
@@ -231,7 +232,8 @@ class StageInputs:
             start = time.perf_counter()
             self.val = self._features(data.val, 0, "features val")
             self.train_view(0)
-            say(f"   features cached in {time.perf_counter() - start:.1f}s: the frozen body runs once, "
+            self.setup_seconds = time.perf_counter() - start
+            say(f"   features cached in {self.setup_seconds:.1f}s: the frozen body runs once, "
                 f"not every epoch ({self.root})")
             self.workers: int | None = 0
         else:
@@ -439,8 +441,10 @@ def _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, inputs, de
                          after_step=after_step)
     report = evaluate(inputs.eval_model(), inputs.val_loader(), data.classes, device)
     state["global_epoch"] += 1
+    setup, inputs.setup_seconds = inputs.setup_seconds, 0.0  # reported once, with the stage's first epoch
     return {
         "stage": stage.name, "stage_index": si, "epoch": epoch + 1, "global_epoch": state["global_epoch"],
+        "setup_seconds": setup,
         "train_loss": tr.loss, "train_acc": tr.accuracy, "val_loss": report.loss, "val_acc": report.top1,
         "val_top5": report.top5, "seconds": tr.seconds, "images_per_s": tr.images_per_s, "lrs": lrs,
     }, report

@@ -638,7 +638,7 @@ class StagePlan:
 
     name: str
     epochs: int
-    lr: float
+    lr: float | str
     layer_decay: float
     bn: str
     freeze: str
@@ -700,15 +700,19 @@ def _stages_table(run: RunRecord, plans: Sequence[StagePlan], total: int) -> str
     rows = []
     for p in plans:
         d = done.get(p.name) or {}
-        rows.append([p.name, f"{ran.get(p.name, 0)} of {p.epochs}", f"{p.lr:g}", f"{p.layer_decay:g}",
+        lr = p.lr if isinstance(p.lr, str) else f"{p.lr:g}"
+        if lr == "auto":  # chosen by the range test when the stage began: read it off the history
+            used = [r["lrs"].get("head") for r in run.history if r.get("stage") == p.name and r.get("lrs")]
+            lr = f"auto ({used[0]:.3g})" if used and used[0] is not None else "auto"
+        rows.append([p.name, f"{ran.get(p.name, 0)} of {p.epochs}", lr, f"{p.layer_decay:g}",
                      p.freeze, p.bn, f"{p.trainable:,} ({_share(p.trainable, total)})",
                      _duration(d.get("seconds")) if d else "–",
                      f"{d['images_per_s']:,.0f}" if d.get("images_per_s") else "–"])
     header = ["stage", "epochs run", "base lr", "layer decay", "freeze", "BatchNorm", "trainable parameters",
               "training time", "images/s"]
     return ("<h3>Stages</h3>" + _table(header, rows, "stages")
-            + '<p class="note">Training time sums the epochs\' training passes (validation not included); '
-              "images/s is the last epoch's training throughput.</p>")
+            + '<p class="note">Training time sums the epochs\' training passes and the feature caching of '
+              "a frozen body (validation not included); images/s is the last epoch's training throughput.</p>")
 
 
 def _freeze_map(plans: Sequence[StagePlan], group_sizes: dict[str, int]) -> str:
