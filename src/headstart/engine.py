@@ -444,7 +444,7 @@ def _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, inputs, de
     setup, inputs.setup_seconds = inputs.setup_seconds, 0.0  # reported once, with the stage's first epoch
     return {
         "stage": stage.name, "stage_index": si, "epoch": epoch + 1, "global_epoch": state["global_epoch"],
-        "setup_seconds": setup,
+        "setup_seconds": setup, "base_lr": stage.lr,
         "train_loss": tr.loss, "train_acc": tr.accuracy, "val_loss": report.loss, "val_acc": report.top1,
         "val_top5": report.top5, "seconds": tr.seconds, "images_per_s": tr.images_per_s, "lrs": lrs,
     }, report

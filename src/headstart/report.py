@@ -702,8 +702,8 @@ def _stages_table(run: RunRecord, plans: Sequence[StagePlan], total: int) -> str
         d = done.get(p.name) or {}
         lr = p.lr if isinstance(p.lr, str) else f"{p.lr:g}"
         if lr == "auto":  # chosen by the range test when the stage began: read it off the history
-            used = [r["lrs"].get("head") for r in run.history if r.get("stage") == p.name and r.get("lrs")]
-            lr = f"auto ({used[0]:.3g})" if used and used[0] is not None else "auto"
+            used = [r.get("base_lr") for r in run.history if r.get("stage") == p.name]
+            lr = f"auto ({used[0]:.3g})" if used and isinstance(used[0], float) else "auto"
         rows.append([p.name, f"{ran.get(p.name, 0)} of {p.epochs}", lr, f"{p.layer_decay:g}",
                      p.freeze, p.bn, f"{p.trainable:,} ({_share(p.trainable, total)})",
                      _duration(d.get("seconds")) if d else "–",
