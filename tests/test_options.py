@@ -330,3 +330,19 @@ def test_tensorboard_event_files_hold_steps_epochs_confusion_and_hparams(tmp_pat
     assert [e.step for e in ea.Scalars("epoch/val_acc")] == [1, 2, 3]
     assert tags["images"] == ["confusion_matrix"]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_progress_writes_plain_periodic_lines_when_not_a_terminal(capsys):
+    from headstart.progress import Progress
+
+    bar = Progress(range(5), total=5, desc="train 1/1", every=0.0)
+    assert bar.bar is None  # pytest captures stderr: not a terminal
+    for _ in bar:
+        bar.update(8, loss=0.5, acc=0.25)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 5 and "\r" not in "".join(lines)
+    assert lines[-1].strip().startswith("train 1/1 5/5") and "img/s" in lines[-1] and "eta 0s" in lines[-1]
+    silent = Progress(range(3), total=3, desc="x", enabled=False, every=0.0)
+    for _ in silent:
+        silent.update(1)
+    assert capsys.readouterr().err == ""
