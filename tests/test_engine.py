@@ -292,7 +292,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 def _history(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "setup_seconds")} for r in rows]
 
 
 def test_same_seed_repeats_bit_for_bit_and_another_seed_differs(tmp_path, capsys):
