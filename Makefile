@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(VENV)/bin/headstart train
+	$(VENV)/bin/headstart train --finetune-epochs 3
 
 # The report test renders HTML in Debian's headless Chromium; install it when we can (root).
 browser:
