@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint
 from .backbones import build_network
-from .config import DataConfig, RunConfig, from_dict, to_dict
+from .config import DataConfig, RunConfig, apply_overrides, from_dict, to_dict
 from .data import build_data, build_transform, folder_dataset, list_images, load_image, make_loader
 from .engine import FitResult, evaluate, fit, pick_device, seed_everything
 from .errors import HeadstartError
@@ -51,30 +51,33 @@ def prepare(cfg: RunConfig) -> tuple[Network, Any]:
     return net, data
 
 
-def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[str], None] = print) -> FitResult:
+def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[str], None] = print,
+          overrides: dict[str, Any] | None = None) -> FitResult:
     """Run a whole training job: build, fit every stage, save checkpoints and the summary.
 
     ``resume`` is a run folder whose ``last.pt`` the job continues from; the run's saved config
-    is used and ``cfg`` is ignored.
+    is used (``cfg`` is ignored) with ``overrides`` applied, e.g. ``{"train.device": "cpu"}``.
     """
     from .distributed import init_from_env
 
     started = time.perf_counter()
+    state = None
+    if resume is not None:
+        if not Path(resume).is_dir():
+            raise HeadstartError(f"--resume {resume}: no such run folder")
+        state = checkpoint.read(Path(resume) / "last.pt")
+        cfg = apply_overrides(from_dict(RunConfig, state["config"]), overrides or {})
     w = init_from_env(cfg.train.device)
     if not w.main:
         say = _silent
-    state = None
-    if resume is not None:
-        run = RunDir(resume, tensorboard=w.main)
-        state = checkpoint.read(run.path / "last.pt")
-        cfg = from_dict(RunConfig, state["config"])
+    if state is not None:
+        run = RunDir(resume, tensorboard=w.main and cfg.tensorboard)
         if w.main:
             run.truncate_history(len(state["train_state"]["history"]))
         say(f"resuming {run.path} after epoch {state['train_state']['global_epoch']}")
-    net, data = prepare(cfg)
-    if state is not None:
-        net.load_state_dict(state["state_dict"])
+        net, data = _rebuild_for_resume(cfg, state)
     else:
+        net, data = prepare(cfg)
         run = RunDir.new(cfg, tensorboard=cfg.tensorboard) if w.main else None
         if run is not None:
             run.write_config(cfg)
@@ -91,6 +94,19 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     if cfg.report:
         _write_report(run, say)
     return result
+
+
+def _rebuild_for_resume(cfg: RunConfig, state: dict[str, Any]) -> tuple[Network, Any]:
+    """The network and data of an interrupted run, from its checkpoint: nothing is downloaded."""
+    seed_everything(cfg.train.seed)
+    net = checkpoint.load_network(state)[0]
+    data = build_data(cfg.data, net.preprocessing, seed=cfg.train.seed)
+    if list(data.classes) != list(state["classes"]):
+        raise HeadstartError(
+            f"the data's classes changed since the run began: now {data.classes[:10]}, the run has "
+            f"{list(state['classes'])[:10]}; start a new run instead of resuming"
+        )
+    return net, data
 
 
 def _silent(_: str) -> None:

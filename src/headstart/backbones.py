@@ -100,18 +100,21 @@ def build_network(
     num_classes: int | None = None,
     input_size: int | None = None,
     head: Any = None,
+    arch: dict[str, Any] | None = None,
 ) -> Network:
     """Load backbone ``name`` with ``weights`` and split it into body and head.
 
     ``input_size`` changes the square input (the preprocessing is rescaled with it; ViT's
     position embeddings are interpolated). With ``num_classes`` the head is replaced for that
     many classes using ``head`` (a :class:`~headstart.config.HeadConfig`, default ``replace``).
+    ``arch`` holds builder options a checkpoint recorded (see :func:`arch_options`), so a trained
+    model is rebuilt with the very architecture it was trained with.
     """
     source, name = resolve_source(name)
     if source == "timm":
         net = _build_timm(name, weights)
     else:
-        net = _build_torchvision(name, weights, input_size)
+        net = _build_torchvision(name, weights, input_size, arch or {})
     if input_size:
         net.preprocessing = net.preprocessing.scaled(input_size)
     if num_classes is not None:
@@ -122,10 +125,20 @@ def build_network(
 # ---------------------------------------------------------------------- torchvision
 
 
-def _build_torchvision(name: str, weights: str, input_size: int | None) -> Network:
+# Builder options that torchvision sets differently for pretrained weights (Inception v3 and
+# GoogLeNet normalise their input their own way, and pretrained GoogLeNet drops its aux heads).
+ARCH_OPTIONS = ("transform_input", "aux_logits")
+
+
+def arch_options(net: Network) -> dict[str, Any]:
+    """The builder options a checkpoint must record to rebuild ``net`` from random weights."""
+    return {k: bool(getattr(net.body, k)) for k in ARCH_OPTIONS if hasattr(net.body, k)}
+
+
+def _build_torchvision(name: str, weights: str, input_size: int | None, arch: dict[str, Any]) -> Network:
     enum = get_model_weights(name)
     member, path = _resolve_weights(name, weights, enum)
-    kwargs = _size_kwargs(name, input_size)
+    kwargs = _size_kwargs(name, input_size) | arch
     if member is not None and not kwargs:
         model = _load_pretrained(name, member)
     else:
@@ -203,6 +216,10 @@ def _size_kwargs(name: str, input_size: int | None) -> dict[str, Any]:
     if not input_size:
         return {}
     if name.startswith("vit_"):
+        patch = int(name.split("_")[-1])
+        if input_size % patch:
+            raise HeadstartError(f"{name} cuts images into {patch}-pixel patches: --input-size must be a "
+                                 f"multiple of {patch} (got {input_size})")
         return {"image_size": input_size} if input_size != 224 else {}
     if name.startswith("maxvit"):
         return {"input_size": (input_size, input_size)} if input_size != 224 else {}
@@ -215,7 +232,8 @@ def _resize_state(name: str, state: dict[str, torch.Tensor], kwargs: dict[str, A
 
         patch = int(name.split("_")[-1])
         return interpolate_embeddings(kwargs["image_size"], patch, state)
-    raise HeadstartError(f"{name}'s pretrained weights only work at its native input size; drop --input-size")
+    raise HeadstartError(f"{name}'s pretrained weights only work at its native input size (224 px): "
+                         "set --input-size 224")
 
 
 def _replaced_layers(fam: families.Family | None) -> list[str]:

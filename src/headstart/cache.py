@@ -75,7 +75,22 @@ def body_fingerprint(net: Network) -> str:
 
 
 def dataset_fingerprint(ds: Any) -> str:
-    """sha256 of what the dataset holds: file paths with sizes and times, or array bytes."""
+    """sha256 of what the dataset holds: file paths with sizes and times, or array bytes.
+
+    Computed once per dataset object (hashing CIFAR's arrays or stat-ing every file of a big
+    folder is not free), then kept on it.
+    """
+    cached = getattr(ds, "_headstart_fingerprint", None)
+    if cached is None:
+        cached = _fingerprint(ds)
+        try:
+            ds._headstart_fingerprint = cached
+        except AttributeError:  # a dataset that takes no attributes: recompute next time
+            pass
+    return cached
+
+
+def _fingerprint(ds: Any) -> str:
     h = hashlib.sha256(type(ds).__name__.encode())
     if hasattr(ds, "paths"):
         for p in ds.paths:
@@ -108,15 +123,20 @@ class FeatureCache:
         return meta.exists() and self.file(view).exists()
 
 
+def view_transform(net: Network, kind: str, view: int, policy: str = "none") -> Any:
+    """View 0: the evaluation transform; views 1..K-1: the training augmentation (with ``policy``)."""
+    return build_transform(net.preprocessing, train=view > 0, augment=view > 0, kind=kind, policy=policy)
+
+
 def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_seed: int,
-             precision_dtype: Any = None) -> str:
+             precision_dtype: Any = None, policy: str = "none") -> str:
     """The cache key of ``ds``'s features through a body (``body_fp``; view > 0: augmented)."""
     parts = {
         "body": body_fp,
         "data": dataset_fingerprint(ds),
         "pre": net.preprocessing.to_dict() | {"categories": None},
         "kind": kind,
-        "transform": repr(build_transform(net.preprocessing, train=view > 0, augment=view > 0, kind=kind)),
+        "transform": repr(view_transform(net, kind, view, policy)),
         "seed": augment_seed if view > 0 else None,
         "precision": str(precision_dtype),
         "format": 1,
@@ -154,14 +174,14 @@ def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.
 
 def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int, seed: int, root: Path,
                     batch_size: int, device: torch.device, progress: bool, desc: str,
-                    precision: Any = None) -> FeatureDataset:
+                    precision: Any = None, policy: str = "none") -> FeatureDataset:
     """The features of ``ds`` for ``view``, computed now unless a complete cache entry exists."""
-    key = make_key(net, body_fp, ds, kind, view, seed, getattr(precision, "dtype", None))
+    key = make_key(net, body_fp, ds, kind, view, seed, getattr(precision, "dtype", None), policy)
     cache = FeatureCache(root, key)
     if not cache.complete(view):
         cache.folder.mkdir(parents=True, exist_ok=True)
         saved = ds.transform
-        ds.transform = build_transform(net.preprocessing, train=view > 0, augment=view > 0, kind=kind)
+        ds.transform = view_transform(net, kind, view, policy)
         start = time.perf_counter()
         try:
             extract(net, ds, cache.file(view), batch_size=batch_size, device=device,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .backbones import arch_options
 from .config import HeadConfig, from_dict
 from .errors import HeadstartError
 from .network import Network
@@ -32,6 +33,7 @@ def model_record(net: Network, classes: list[str], kind: str = "photo") -> dict[
         "format": FORMAT,
         "arch": net.name,
         "source": net.source,
+        "arch_options": arch_options(net),
         "head": asdict(net.head_config),
         "num_classes": net.num_classes,
         "classes": list(classes),
@@ -86,7 +88,9 @@ def load_network(path_or_ckpt: str | Path | dict[str, Any]) -> tuple[Network, di
 
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else read(path_or_ckpt)
     pre = Preprocessing.from_dict(ckpt["preprocessing"])
-    net = build_network(ckpt["arch"], "none", input_size=pre.crop)
+    # A timm model is named with its source: several timm names are torchvision names too.
+    name = f"timm:{ckpt['arch']}" if ckpt.get("source") == "timm" else ckpt["arch"]
+    net = build_network(name, "none", input_size=pre.crop, arch=ckpt.get("arch_options") or {})
     net.replace_head(ckpt["num_classes"], from_dict(HeadConfig, ckpt["head"]))
     net.load_state_dict(ckpt["state_dict"])
     net.preprocessing = pre

@@ -75,6 +75,10 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
 ]
 
 
+# What may differ when a run resumes: where it runs and how it shows progress.
+RESUME_FLAGS = {"train.device", "train.progress"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="headstart", description="Transfer learning of image classifiers on PyTorch.")
     p.add_argument("--version", action="version", version=f"headstart {__version__}")
@@ -190,7 +194,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .api import train
 
     if args.resume:
-        train(RunConfig(), resume=args.resume)
+        given = {key for _, key, _, _ in TRAIN_FLAGS if getattr(args, key, None) is not None}
+        extra = given - RESUME_FLAGS or ({"--config"} if args.config else set()) or set(args.set)
+        if extra:
+            raise HeadstartError(f"--resume continues the run's saved config; only --device and --no-progress "
+                                 f"may change (got {', '.join(sorted(extra))})")
+        train(RunConfig(), resume=args.resume, overrides={k: getattr(args, k) for k in given})
     else:
         train(resolve_config(args))
     return 0

@@ -471,6 +471,11 @@ def build_data(cfg: DataConfig, pre: Preprocessing, *, seed: int = 0) -> DataBun
     bundle.val.transform = build_transform(pre, train=False, augment=False, kind=bundle.kind)
     bundle.train = _apply_limit(bundle.train, cfg.limit_train, seed, "limit_train")
     bundle.val = _apply_limit(bundle.val, cfg.limit_val, seed, "limit_val")
+    if len(bundle.val) == 0:
+        raise HeadstartError(
+            f"{source} leaves no images for validation (each class needs at least 2 images for a split); "
+            "add images, raise data.val_split, or give train/ and val/ folders"
+        )
     return bundle
 
 
@@ -710,7 +715,9 @@ def make_loader(
         num_workers=workers,
         generator=generator,
         worker_init_fn=_seed_worker if workers > 0 else None,
-        persistent_workers=workers > 0,
+        # Loaders are built per epoch (each epoch has its own seeded order), so workers cannot
+        # outlive one; persistent workers would only hold memory.
+        persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
     )

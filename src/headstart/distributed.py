@@ -54,7 +54,8 @@ def init_from_env(device_spec: str = "auto") -> World:
         cuda = torch.cuda.is_available() and device_spec in ("auto", "cuda")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        # NCCL for the GPU tensors, gloo for the small CPU tensors metrics travel in.
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
     return world()
 
 
@@ -107,8 +108,6 @@ class _Forward(nn.Module):
 
 def ddp_forward(fn: Any, owner: nn.Module, device: torch.device, find_unused: bool = False) -> Any:
     """Wrap ``fn`` (run by ``owner``'s parameters) so gradients are averaged across ranks."""
-    if not world().enabled:
-        return fn
     ids = [device.index] if device.type == "cuda" else None
     # Buffers are not broadcast: frozen BatchNorm statistics are identical on every rank anyway.
     # find_unused: auxiliary classifiers only produce outputs in some stages.
@@ -123,6 +122,15 @@ def all_sum(*values: float) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def rank0_decides(flag: bool) -> bool:
+    """Rank 0's value of ``flag`` on every rank, so all ranks take the same branch."""
+    if not world().enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0])
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def barrier() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from .distributed import (
     init_from_env,
     local_device,
     per_rank_batch,
+    rank0_decides,
 )
 from .distributed import world as current_world
 from .errors import HeadstartError
@@ -71,9 +73,14 @@ def pick_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(spec)
+        device = torch.device(spec)
     except RuntimeError:
         raise HeadstartError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise HeadstartError(f"device {spec} is not available here ({count} CUDA device(s)); use auto or cpu")
+    return device
 
 
 def set_cpu_speed_flags() -> None:
@@ -130,11 +137,12 @@ def train_one_epoch(
                 loss = loss + AUX_WEIGHT * loss_fn(a.float(), y)
         opt.zero_grad(set_to_none=True)
         _backward_step(loss, opt, precision, on_step)
+        step_loss = float(loss.detach())  # one device sync per step
         if after_step is not None:
-            after_step(float(loss.detach()), opt)  # before the schedule moves: the rate just used
+            after_step(step_loss, opt)  # before the schedule moves: the rate just used
         sched.step()
         n = y.shape[0]
-        total_loss += float(loss.detach()) * n
+        total_loss += step_loss * n
         hard = y.argmax(1) if y.ndim == 2 else y
         correct += int((logits.detach().argmax(1) == hard).sum())
         seen += n
@@ -221,7 +229,9 @@ class StageInputs:
         if self.channels_last:
             net.to(memory_format=torch.channels_last)
         body_frozen = not any(p.requires_grad for p in net.body.parameters())
-        self.cached = cfg.cache.enabled and body_frozen
+        # With BatchNorm policy "train" a frozen body still changes its output from batch to
+        # batch (batch statistics), so its features cannot be stored.
+        self.cached = cfg.cache.enabled and body_frozen and net.bn_policy != "train"
         self.views: dict[int, Any] = {}
         self.body_fp = ""
         self.setup_seconds = 0.0  # feature extraction, counted in the stage's time
@@ -255,12 +265,14 @@ class StageInputs:
         return cached_features(self.net, ds, body_fp=self.body_fp, kind=self.data.kind, view=view,
                                seed=self.cfg.train.seed, root=self.root, batch_size=self.cfg.data.batch_size * 2,
                                device=self.device, progress=self.cfg.train.progress, desc=desc,
-                               precision=self.precision)
+                               precision=self.precision, policy=self.cfg.data.auto_augment)
 
     def train_view(self, epoch: int) -> Any:
         if not self.cached:
             return self.data.train
-        view = epoch % max(1, self.cfg.cache.views)
+        # Augmented views only when augmentation is on: --no-augment means plain features only.
+        views = self.cfg.cache.views if self.cfg.data.augment else 1
+        view = epoch % max(1, views)
         if view not in self.views:
             self.views[view] = self._features(self.data.train, view, f"features train view {view}")
         return self.views[view]
@@ -346,7 +358,7 @@ def fit(
         if si < state["stage"]:
             continue
         if stage.lr == "auto":
-            stage = _auto_lr(net, data, cfg, stage, run, say)
+            stage = _auto_lr(net, data, cfg, stage, run, say, state)
         apply_stage(net, stage)
         _announce_stage(net, stage, si, len(stages), say)
         inputs = StageInputs(net, data, cfg, device, say)
@@ -376,16 +388,26 @@ def fit(
 
 
 def _auto_lr(net: Network, data: DataBundle, cfg: RunConfig, stage: StageConfig, run: RunDir | None,
-             say: Callable[[str], None]) -> StageConfig:
-    """The stage with its rate set by the learning-rate range test (plot saved in the run folder)."""
+             say: Callable[[str], None], state: dict[str, Any]) -> StageConfig:
+    """The stage with its rate set by the learning-rate range test (plot saved in the run folder).
+
+    Resuming mid-stage reuses the rate chosen when the stage began (recorded in the history).
+    """
     import dataclasses
 
     from .lr_find import lr_find
 
+    if state["optimizer"] is not None:
+        chosen = [r["base_lr"] for r in state["history"] if r.get("stage") == stage.name and "base_lr" in r]
+        if chosen:
+            return dataclasses.replace(stage, lr=chosen[-1])
+    if current_world().enabled:
+        raise HeadstartError("lr: auto is not supported under torchrun (each rank would test its own shard); "
+                             "run `headstart lr-find` in one process and pass the rate it suggests")
     result = lr_find(net, data, cfg, stage, say=lambda _: None)
     if run is not None:
-        result.save_plot(run.path / "lr_find.png")
-        result.save_plot(run.path / f"lr_find-{stage.name}.png")
+        plot = result.save_plot(run.path / f"lr_find-{stage.name}.png")
+        shutil.copyfile(plot, run.path / "lr_find.png")  # the report shows the latest one
     say(f"   learning-rate range test for stage {stage.name}: suggested lr {result.suggestion:.3g}")
     return dataclasses.replace(stage, lr=result.suggestion)
 
@@ -408,7 +430,8 @@ def _quiet_copy(cfg: RunConfig) -> RunConfig:
 
 
 def _next_stage(state: dict[str, Any], si: int) -> None:
-    state.update(stage=si + 1, epoch=0, optimizer=None, scheduler=None, stopped=False, bad_epochs=0)
+    state.update(stage=si + 1, epoch=0, optimizer=None, scheduler=None, stopped=False, bad_epochs=0,
+                 stage_best=-1.0)
 
 
 def _initial_state(resume: dict[str, Any] | None) -> dict[str, Any]:
@@ -451,13 +474,20 @@ def _run_epoch(net, data, cfg, stage, si, epoch, opt, sched, loss_fn, inputs, de
 
 
 def _track_best(state: dict[str, Any], row: dict[str, Any], patience: int | None) -> None:
+    """Best accuracy of the run (for best.pt) and of the stage (for early stopping).
+
+    Patience counts epochs without improvement *within the stage*: fine-tuning often dips before
+    it beats the head stage, and must not be stopped for that.
+    """
     row["best"] = row["val_acc"] > state["best"]
     if row["best"]:
-        state["best"], state["bad_epochs"] = row["val_acc"], 0
+        state["best"] = row["val_acc"]
+    if row["val_acc"] > state.get("stage_best", -1.0):
+        state["stage_best"], state["bad_epochs"] = row["val_acc"], 0
     else:
         state["bad_epochs"] += 1
-        if patience is not None and state["bad_epochs"] >= patience:
-            state["stopped"] = True  # early stop: this stage ends, the next one starts
+    stop = patience is not None and state["bad_epochs"] >= patience
+    state["stopped"] = rank0_decides(stop)  # under torchrun all ranks must leave the stage together
 
 
 def _save_epoch(run: RunDir, net, data, cfg, state, si, epoch, opt, sched, row) -> None:

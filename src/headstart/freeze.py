@@ -80,7 +80,10 @@ def unfreeze_last(net: Network, k: int | str) -> str:
     """The freeze spec that leaves the last ``k`` depth groups (or ``all``) and the head trainable."""
     if str(k) == "all":
         return "none"
-    k = int(k)
+    try:
+        k = int(k)
+    except ValueError:
+        raise HeadstartError(f"finetune_unfreeze must be `all` or a number of depth groups, got {k!r}") from None
     if k < 0:
         raise HeadstartError(f"cannot unfreeze {k} groups")
     return f"first:{max(0, len(net.groups) - k)}"

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -35,7 +36,8 @@ SCHEDULERS = ("cosine", "onecycle", "constant")
 def resolve_stages(cfg: TrainConfig, net: Network) -> list[StageConfig]:
     """The stages to run: ``cfg.stages`` when given, else the seed's two phases or gradual unfreezing."""
     if cfg.stages:
-        return [s for s in cfg.stages]
+        # A stage without its own rate takes train.lr (which may be "auto").
+        return [dataclasses.replace(s, lr=s.lr if s.lr is not None else cfg.lr) for s in cfg.stages]
     stages = [StageConfig(name="head", epochs=cfg.epochs, freeze=cfg.freeze, lr=cfg.lr)]
     if cfg.schedule == "gradual":
         # ULMFiT-style: one more depth group joins every epoch, deepest first.

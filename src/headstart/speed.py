@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from .errors import HeadstartError
 
@@ -43,11 +42,3 @@ def resolve_precision(spec: str, device: torch.device) -> Precision:
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec]
     scaler = torch.amp.GradScaler("cuda") if spec == "fp16" else None
     return Precision(dtype, scaler, device.type)
-
-
-def prepare_model(net: nn.Module, device: torch.device, channels_last: bool | None, compile_: bool) -> nn.Module:
-    """Move ``net`` to ``device`` in the chosen memory format; returns what to call (maybe compiled)."""
-    net.to(device)
-    if channels_last if channels_last is not None else device.type == "cuda":
-        net.to(memory_format=torch.channels_last)
-    return torch.compile(net) if compile_ else net
