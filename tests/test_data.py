@@ -340,7 +340,8 @@ def test_default_workers(three_classes: Path, monkeypatch) -> None:
     assert hd.default_workers(files) == 4
     monkeypatch.setattr(hd, "_usable_cpus", lambda: 2)  # more workers than cores makes torch warn
     loader = make_loader(files, batch_size=4, shuffle=False, workers=None, seed=0)
-    assert loader.num_workers == 1 and loader.persistent_workers
+    # loaders are rebuilt every epoch, so persistent workers would only hold memory
+    assert loader.num_workers == 1 and not loader.persistent_workers
     assert make_loader(digits.train, batch_size=4, shuffle=False, workers=None, seed=0).num_workers == 0
     with pytest.raises(HeadstartError, match="batch_size"):
         make_loader(files, batch_size=0, shuffle=False, workers=0, seed=0)

@@ -265,7 +265,8 @@ def test_early_stopping_ends_the_stage_not_the_run(tmp_path):
     cfg.train.stages = stages
     net, data = prepare(cfg)
     result = engine.fit(net, data, cfg, None, say=lambda s: None)
-    assert [(r["stage"], r["epoch"]) for r in result.history] == [("a", 1), ("a", 2), ("b", 1)]
+    # patience counts within each stage: both stop after one epoch without improvement
+    assert [(r["stage"], r["epoch"]) for r in result.history] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
     assert len({r["val_acc"] for r in result.history}) == 1
     # without patience every epoch runs
     cfg.train.patience = None

@@ -75,22 +75,7 @@ def body_fingerprint(net: Network) -> str:
 
 
 def dataset_fingerprint(ds: Any) -> str:
-    """sha256 of what the dataset holds: file paths with sizes and times, or array bytes.
-
-    Computed once per dataset object (hashing CIFAR's arrays or stat-ing every file of a big
-    folder is not free), then kept on it.
-    """
-    cached = getattr(ds, "_headstart_fingerprint", None)
-    if cached is None:
-        cached = _fingerprint(ds)
-        try:
-            ds._headstart_fingerprint = cached
-        except AttributeError:  # a dataset that takes no attributes: recompute next time
-            pass
-    return cached
-
-
-def _fingerprint(ds: Any) -> str:
+    """sha256 of what the dataset holds: file paths with sizes and times, or array bytes."""
     h = hashlib.sha256(type(ds).__name__.encode())
     if hasattr(ds, "paths"):
         for p in ds.paths:
@@ -129,11 +114,15 @@ def view_transform(net: Network, kind: str, view: int, policy: str = "none") -> 
 
 
 def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_seed: int,
-             precision_dtype: Any = None, policy: str = "none") -> str:
-    """The cache key of ``ds``'s features through a body (``body_fp``; view > 0: augmented)."""
+             precision_dtype: Any = None, policy: str = "none", data_fp: str | None = None) -> str:
+    """The cache key of ``ds``'s features through a body (``body_fp``; view > 0: augmented).
+
+    ``data_fp`` is ``dataset_fingerprint(ds)`` when the caller already has it (hashing CIFAR's
+    arrays or stat-ing every file of a big folder is not free).
+    """
     parts = {
         "body": body_fp,
-        "data": dataset_fingerprint(ds),
+        "data": data_fp or dataset_fingerprint(ds),
         "pre": net.preprocessing.to_dict() | {"categories": None},
         "kind": kind,
         "transform": repr(view_transform(net, kind, view, policy)),
@@ -174,9 +163,9 @@ def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.
 
 def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int, seed: int, root: Path,
                     batch_size: int, device: torch.device, progress: bool, desc: str,
-                    precision: Any = None, policy: str = "none") -> FeatureDataset:
+                    precision: Any = None, policy: str = "none", data_fp: str | None = None) -> FeatureDataset:
     """The features of ``ds`` for ``view``, computed now unless a complete cache entry exists."""
-    key = make_key(net, body_fp, ds, kind, view, seed, getattr(precision, "dtype", None), policy)
+    key = make_key(net, body_fp, ds, kind, view, seed, getattr(precision, "dtype", None), policy, data_fp)
     cache = FeatureCache(root, key)
     if not cache.complete(view):
         cache.folder.mkdir(parents=True, exist_ok=True)

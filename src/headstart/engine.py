@@ -235,6 +235,7 @@ class StageInputs:
         self.views: dict[int, Any] = {}
         self.body_fp = ""
         self.setup_seconds = 0.0  # feature extraction, counted in the stage's time
+        self.data_fps: dict[int, str] = {}
         if self.cached:
             from .cache import body_fingerprint, cache_root
 
@@ -260,12 +261,15 @@ class StageInputs:
         return out
 
     def _extract(self, ds: Any, view: int, desc: str) -> Any:
-        from .cache import cached_features
+        from .cache import cached_features, dataset_fingerprint
 
+        if id(ds) not in self.data_fps:  # once per dataset and stage, not once per view
+            self.data_fps[id(ds)] = dataset_fingerprint(ds)
         return cached_features(self.net, ds, body_fp=self.body_fp, kind=self.data.kind, view=view,
                                seed=self.cfg.train.seed, root=self.root, batch_size=self.cfg.data.batch_size * 2,
                                device=self.device, progress=self.cfg.train.progress, desc=desc,
-                               precision=self.precision, policy=self.cfg.data.auto_augment)
+                               precision=self.precision, policy=self.cfg.data.auto_augment,
+                               data_fp=self.data_fps[id(ds)])
 
     def train_view(self, epoch: int) -> Any:
         if not self.cached:
