@@ -18,17 +18,6 @@ from headstart.errors import HeadstartError
 from headstart.runs import RunDir
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_offline(monkeypatch, tmp_path):
-    # The CPUs are shared: one intra-op thread avoids oversubscription stalls (10x slower steps).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "feature-cache"))
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(trained network, run folder, config): one head epoch with an MLP head with BatchNorm and dropout."""

@@ -7,7 +7,6 @@ Everything uses random-weight models at 32 px on 64 bundled digits; nothing is d
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -29,19 +28,6 @@ from headstart.runs import RunDir
 RESNET18_GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    # The CPUs are shared: one intra-op thread avoids oversubscription stalls (10x slower steps).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "feature-cache"))
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level  # main() reconfigures logging (force=True)
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    torch.set_num_threads(threads)
 
 
 def tiny_cfg(tmp_path: Path, **overrides) -> RunConfig:

@@ -7,7 +7,6 @@ Everything is built with random weights at tiny inputs, so nothing is downloaded
 from __future__ import annotations
 
 import copy
-import os
 import typing
 
 import pytest
@@ -22,20 +21,6 @@ from headstart.config import HeadConfig
 from headstart.errors import HeadstartError
 from headstart.families import FAMILIES
 from headstart.freeze import count_params, freeze
-
-# One intra-op thread by default: these are tiny tensors, and on a shared 2-core machine two
-# OpenMP threads made the suite 5-10x slower (spinning on a busy core); HEADSTART_TEST_THREADS=2
-# restores the old setting. Set per module and restored, so other test files are unaffected.
-THREADS = int(os.environ.get("HEADSTART_TEST_THREADS", "1"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
-
 
 ALL_MODELS = torchvision.models.list_models(module=torchvision.models)
 

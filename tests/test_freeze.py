@@ -4,7 +4,6 @@ and the per-group reports. Small random-weight networks at 32-64 px keep it fast
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -15,20 +14,6 @@ from headstart.backbones import build_network
 from headstart.config import HeadConfig
 from headstart.errors import HeadstartError
 from headstart.freeze import bn_mode, count_params, freeze, trainable_state, unfreeze_last
-
-# One intra-op thread by default: these are tiny tensors, and on a shared 2-core machine two
-# OpenMP threads made the suite 5-10x slower (spinning on a busy core); HEADSTART_TEST_THREADS=2
-# restores the old setting. Set per module and restored, so other test files are unaffected.
-THREADS = int(os.environ.get("HEADSTART_TEST_THREADS", "1"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
-
 
 RESNET_GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4"]
 # resnet18 with a 7-class fc: 11,689,512 - 513,000 (1000-class fc) + 3,591 (7-class fc).

@@ -23,15 +23,6 @@ TINY = {"model.name": "resnet18", "model.weights": "none", "model.input_size": 3
         "data.limit_val": 24, "data.batch_size": 16, "train.progress": False, "train.epochs": 1}
 
 
-@pytest.fixture(autouse=True)
-def _quiet_machine(tmp_path, monkeypatch):
-    # One thread: on a shared 2-core machine two threads per test process thrash.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("HEADSTART_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cfg(**extra) -> RunConfig:
@@ -46,18 +37,23 @@ def _quiet(_: str) -> None:
 
 
 def _entries(tmp_path: Path) -> list[dict]:
-    return cache_mod.cache_entries(tmp_path / "cache")
+    return cache_mod.cache_entries(tmp_path / "feature-cache")
 
 
-def test_cache_trains_head_from_stored_features_once(tmp_path):
-    cfg = _cfg(**{"train.epochs": 3})
+def _images_through_body(cfg: RunConfig) -> tuple[int, object]:
+    """Train ``cfg`` and count the images the body was run on."""
     net, data = prepare(cfg)
     calls = []
     original = net.body.forward
     net.body.forward = lambda x: (calls.append(len(x)), original(x))[1]
     fit(net, data, cfg, say=_quiet)
+    return sum(calls), data
+
+
+def test_cache_trains_head_from_stored_features_once(tmp_path):
+    seen, data = _images_through_body(_cfg(**{"train.epochs": 3}))
     # The body saw each train and val image exactly once, not once per epoch.
-    assert sum(calls) == len(data.train) + len(data.val)
+    assert seen == len(data.train) + len(data.val)
     assert len(_entries(tmp_path)) == 2
 
 
@@ -102,7 +98,7 @@ def test_interrupted_extraction_is_never_read_as_complete(tmp_path, monkeypatch)
     cfg = _cfg()
     net, data = prepare(cfg)
     fp = cache_mod.body_fingerprint(net)
-    root = tmp_path / "cache"
+    root = tmp_path / "feature-cache"
     kwargs = dict(body_fp=fp, kind=data.kind, view=0, seed=0, root=root, batch_size=16,
                   device=torch.device("cpu"), progress=False, desc="t")
     real = net.features
@@ -133,14 +129,9 @@ def test_interrupted_extraction_is_never_read_as_complete(tmp_path, monkeypatch)
 
 
 def test_fine_tuning_stage_bypasses_the_cache(tmp_path):
-    cfg = _cfg(**{"train.finetune_epochs": 1})
-    net, data = prepare(cfg)
-    calls = []
-    original = net.body.forward
-    net.body.forward = lambda x: (calls.append(len(x)), original(x))[1]
-    fit(net, data, cfg, say=_quiet)
+    seen, data = _images_through_body(_cfg(**{"train.finetune_epochs": 1}))
     # head stage: one pass each over train and val; fine-tuning: a full pass per epoch plus val
-    assert sum(calls) > 2 * (len(data.train) + len(data.val)) - 16
+    assert seen > 2 * (len(data.train) + len(data.val)) - 16
 
 
 def test_cache_views_cycle_through_augmented_copies(tmp_path):

@@ -9,8 +9,6 @@ into place, so a crash never leaves a torn file behind.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from .backbones import arch_options
 from .config import HeadConfig, from_dict
 from .errors import HeadstartError
+from .files import write_atomically
 from .network import Network
 from .preprocess import Preprocessing
 
@@ -45,19 +44,7 @@ def model_record(net: Network, classes: list[str], kind: str = "photo") -> dict[
 
 def save(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def read(path: str | Path) -> dict[str, Any]:

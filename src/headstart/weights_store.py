@@ -19,15 +19,15 @@ import importlib.util
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torchvision
 
 from .errors import HeadstartError, OfflineError
+from .files import write_atomically
 from .preprocess import Preprocessing
 
 # torchvision names files ``<name>-<first 8 or 10 hex digits of the sha256>.pth``.
@@ -90,17 +90,11 @@ def _no_match_error(path: Path, digest: str) -> HeadstartError:
 def _copy_atomically(src: Path, dest: Path) -> None:
     # A temp file in the destination folder, then os.replace: torchvision never sees a
     # half-written file under the real name, even if we are interrupted.
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+    def copy(out: BinaryIO) -> None:
+        with open(src, "rb") as inp:
             shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomically(dest, copy)
 
 
 def import_weights_file(path: str | os.PathLike[str], *, force: bool = False) -> tuple[Path, Any]:
