@@ -188,7 +188,8 @@ def time_finetune_step(subset: Path, args: Any) -> dict[str, Any]:
     loader = _epoch_loader(data.train, cfg, 0, cfg.data.workers)
     kw = {"progress": False, "precision": resolve_precision("auto", device), "channels_last": False}
     loss_fn = _loss(cfg.train, data, device)
-    train_one_epoch(net, _Take(loader, 1), opt, sched, loss_fn, device, **kw)  # warm-up (starts the worker)
+    # Warm-up: the first ~3 steps run up to 1.5x slower (allocator, oneDNN primitives), and the worker starts.
+    train_one_epoch(net, _Take(loader, 3), opt, sched, loss_fn, device, **kw)
     n = args.calib_steps
     # Two timed chunks, the faster one counts: a burst of contention should not shrink K for good.
     rates = [train_one_epoch(net, _Take(loader, n), opt, sched, loss_fn, device, **kw).images_per_s
