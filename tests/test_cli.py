@@ -139,6 +139,11 @@ def test_inspect_plan_shows_stages_and_frozen_groups(capsys):
     assert len(stage_lines) == 2
     assert plan[stage_lines[0]].startswith("stage 1: head") and "freeze first:2" in plan[stage_lines[0]]
     assert plan[stage_lines[1]].startswith("stage 2: finetune")
+    caches = [line for line in plan if line.strip().startswith("feature cache:")]
+    assert "first 5 of 10 body steps (up to layer1)" in caches[0]  # stem and layer1 run once
+    assert "none" in caches[1]
+    plan = [line for line in plan if line not in caches]
+    stage_lines = [i for i, line in enumerate(plan) if line.startswith("stage ")]
     stage1 = {line.split()[0]: line.split()[1] for line in plan[stage_lines[0] + 1: stage_lines[1]]}
     assert stage1 == {"stem": "frozen", "layer1": "frozen", "layer2": "lr", "layer3": "lr", "layer4": "lr",
                       "head": "lr"}

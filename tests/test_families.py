@@ -113,6 +113,26 @@ def _check_groups(net, x) -> None:
     assert out.shape == (x.shape[0], 7)
 
 
+def _check_chain(net, x, name) -> None:
+    """The step chain (for the prefix feature cache) computes exactly what the body computes."""
+    if name in ("inception_v3", "googlenet"):  # aux classifiers branch off mid-body: no chain
+        assert net.chain is None
+        return
+    assert net.chain, f"{name} has no step chain"
+    owned = [p for s in net.chain for p in s.prefixes]
+    for n, _ in net.body.named_parameters():
+        assert any(n == p or n.startswith(p + ".") for p in owned), f"{n} is in no step"
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net.run_steps(x), net.features(x), rtol=1e-5, atol=1e-5)
+        cut = len(net.chain) // 2  # any cut: the first part's output feeds the rest
+        torch.testing.assert_close(net.run_steps(net.run_steps(x, 0, cut), cut), net.features(x),
+                                   rtol=1e-5, atol=1e-5)
+    freeze(net, f"first:{len(net.groups) - 1}")  # the last group trains: the rest is a prefix
+    assert 0 < net.frozen_prefix() < len(net.chain)
+    freeze(net, "body")
+
+
 @pytest.mark.parametrize("name", _params(ALL_MODELS))
 def test_every_torchvision_model(name):
     torch.manual_seed(0)
@@ -138,6 +158,7 @@ def test_every_torchvision_model(name):
             assert p.grad is None, f"{n} got a gradient"
 
     _check_groups(net, x)  # runs the eval-mode forward: output (2, 7)
+    _check_chain(net, x, name)
 
     if name == "inception_v3":
         assert net.aux == ["AuxLogits.fc"]
@@ -423,6 +444,23 @@ def test_timm_model_builds_with_groups():
     net.replace_head(3, HeadConfig(kind="mlp", hidden=[16]))
     with torch.no_grad():
         assert net(x).shape == (2, 3)
+    _check_chain(net, x, "tf_efficientnet_lite0")
+
+
+def test_timm_resnet_has_a_step_chain():
+    torch.manual_seed(0)
+    net = build_network("timm:resnet18", weights="none", num_classes=4)
+    _check_chain(net, torch.randn(2, 3, 64, 64), "resnet18")
+
+
+def test_deep_copied_network_runs_its_own_chain():
+    net = build_network("resnet18", weights="none", num_classes=3, input_size=32).eval()
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin.body.layer1[0].conv1.weight.zero_()
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(twin.run_steps(x), twin.features(x))
+        assert not torch.allclose(twin.run_steps(x), net.run_steps(x))
 
 
 def test_timm_weights_file_with_another_class_count(tmp_path):

@@ -134,6 +134,87 @@ def test_fine_tuning_stage_bypasses_the_cache(tmp_path):
     assert seen > 2 * (len(data.train) + len(data.val)) - 16
 
 
+def _images_through_stem(cfg: RunConfig) -> tuple[int, object, object]:
+    """Train ``cfg`` (resnet18) and count the images its first convolution was run on."""
+    net, data = prepare(cfg)
+    calls = []
+    net.body.conv1.register_forward_hook(lambda m, i, o: calls.append(len(o)))
+    result = fit(net, data, cfg, say=_quiet)
+    return sum(calls), data, (net, result)
+
+
+def test_partial_fine_tuning_trains_from_the_cached_frozen_prefix(tmp_path):
+    cfg = _cfg(**{"train.finetune_epochs": 2, "train.finetune_unfreeze": "1"})
+    seen, data, _ = _images_through_stem(cfg)
+    # Each image went through the stem once for the head stage's cache and once for the
+    # fine-tuning stage's (stem to layer3), not once per fine-tuning epoch (plus the one image
+    # that sizes the prefix's output before anything is written).
+    assert seen == 2 * (len(data.train) + len(data.val)) + 1
+    parts = sorted(e["part"] for e in _entries(tmp_path))
+    assert parts == ["body", "body", "prefix:7", "prefix:7"]
+
+    off = _cfg(**{"train.finetune_epochs": 2, "train.finetune_unfreeze": "1", "cache.prefix": False})
+    seen_off, _, _ = _images_through_stem(off)
+    # without it (the head stage's entries exist from the run above): every fine-tuning epoch's
+    # batches and validation
+    assert seen_off == 2 * (len(data.train) // 16 * 16 + len(data.val))
+    assert seen - (len(data.train) + len(data.val)) < seen_off  # fine-tuning stages compared
+
+
+def test_prefix_cached_and_uncached_fine_tuning_agree(tmp_path):
+    runs = []
+    for prefix in (True, False):
+        cfg = _cfg(**{"train.epochs": 1, "train.finetune_epochs": 2, "train.finetune_unfreeze": "2",
+                      "cache.prefix": prefix, "data.augment": False})
+        net, data = prepare(cfg)
+        runs.append((fit(net, data, cfg, say=_quiet), net.state_dict()))
+    (a, state_a), (b, state_b) = runs
+    assert [r["val_acc"] for r in a.history] == [r["val_acc"] for r in b.history]
+    assert a.history[-1]["train_loss"] == pytest.approx(b.history[-1]["train_loss"], rel=1e-4)
+    for k in state_a:
+        torch.testing.assert_close(state_a[k], state_b[k], rtol=1e-4, atol=1e-5)
+    untrained = prepare(cfg)[0].state_dict()
+    assert not torch.equal(state_a["body.layer4.0.conv1.weight"], untrained["body.layer4.0.conv1.weight"])
+
+
+def test_prefix_key_follows_the_frozen_part_only(tmp_path):
+    net, _ = prepare(_cfg())
+    fp = net.prefix_fingerprint(7)
+    assert fp != net.prefix_fingerprint(6)
+    with torch.no_grad():
+        net.body.layer4[0].conv1.weight.add_(1.0)  # after the cut: same entry
+    assert net.prefix_fingerprint(7) == fp
+    with torch.no_grad():
+        net.body.layer2[0].conv1.weight.add_(1.0)  # inside the frozen part: a new entry
+    assert net.prefix_fingerprint(7) != fp
+
+
+def test_frozen_prefix_follows_freezing_and_bn_policy():
+    from headstart.freeze import freeze
+
+    net, _ = prepare(_cfg())
+    freeze(net, "first:2")  # stem, layer1: conv1, bn1, relu, maxpool, layer1
+    assert net.frozen_prefix() == 5
+    freeze(net, "none")
+    assert net.frozen_prefix() == 0
+    freeze(net, "body")
+    assert net.frozen_prefix() == 8  # through layer4; avgpool and flatten stay outside
+    net.bn_policy = "train"  # frozen BatchNorm on batch statistics: nothing fixed to cache
+    assert net.frozen_prefix() == 0
+    net.bn_policy = "frozen"
+    freeze(net, "body.layer1.0.*")  # a frozen block inside a trainable group is not enough
+    assert net.frozen_prefix() == 0
+
+
+def test_prefix_cache_larger_than_the_limit_is_not_built(tmp_path):
+    cfg = _cfg(**{"train.finetune_epochs": 1, "train.finetune_unfreeze": "1", "cache.max_gb": 1e-6})
+    net, data = prepare(cfg)
+    lines: list[str] = []
+    fit(net, data, cfg, say=lines.append)
+    assert any("not cached" in line and "cache.max_gb" in line for line in lines)
+    assert sorted(e["part"] for e in _entries(tmp_path)) == ["body", "body"]
+
+
 def test_cache_views_cycle_through_augmented_copies(tmp_path):
     cfg = _cfg(**{"train.epochs": 3, "cache.views": 2})
     net, data = prepare(cfg)

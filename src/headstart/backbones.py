@@ -297,7 +297,7 @@ def _wrap(model: nn.Module, name: str, pre: Preprocessing, source: str) -> Netwo
         raise HeadstartError(f"headstart does not know how to split {name} ({type(model).__name__}) yet")
     groups = fam.groups(model)
     body, head = families.split_model(model, fam)
-    return Network(
+    net = Network(
         body,
         head,
         name=name,
@@ -309,6 +309,8 @@ def _wrap(model: nn.Module, name: str, pre: Preprocessing, source: str) -> Netwo
         preprocessing=pre,
         source=source,
     )
+    net.chain = fam.chain(body) if fam.chain is not None else None
+    return net
 
 
 def _has_module(root: nn.Module, path: str) -> bool:
@@ -392,7 +394,9 @@ def _wrap_timm(model: nn.Module, name: str, pre: Preprocessing) -> Network:
         from torchvision.models import MobileNet_V2_Weights
 
         pre.categories = list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
-    return Network(
+    net = Network(
         model, head, name=name, groups=groups, feature_dim=num_features, layout="flat",
         final="", aux=[], preprocessing=pre, source="timm",
     )
+    net.chain = families.timm_chain(model)
+    return net

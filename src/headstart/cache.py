@@ -2,7 +2,9 @@
 
 While the whole body is frozen (the seed's first phase), its output for an image never changes, so
 headstart computes it once, in inference mode and in batches, stores it on disk as a memory-mapped
-``.npy`` file (data larger than RAM works), and trains the head from the stored tensors.
+``.npy`` file (data larger than RAM works), and trains the head from the stored tensors. When a
+fine-tuning stage unfreezes only the last depth groups, the frozen first part of the body is
+cached the same way (its output feature maps) and the stage trains the rest from them.
 
 A cache entry is keyed by everything that changes the features: the body's weights (hashed from
 the tensors themselves, so a local file, a named weights entry and a random initialisation are
@@ -22,6 +24,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,14 +117,17 @@ def view_transform(net: Network, kind: str, view: int, policy: str = "none") -> 
 
 
 def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_seed: int,
-             precision_dtype: Any = None, policy: str = "none", data_fp: str | None = None) -> str:
+             precision_dtype: Any = None, policy: str = "none", data_fp: str | None = None,
+             part: str = "body") -> str:
     """The cache key of ``ds``'s features through a body (``body_fp``; view > 0: augmented).
 
     ``data_fp`` is ``dataset_fingerprint(ds)`` when the caller already has it (hashing CIFAR's
-    arrays or stat-ing every file of a big folder is not free).
+    arrays or stat-ing every file of a big folder is not free). ``part`` is ``body`` or
+    ``prefix:K`` (the first K steps of the body's chain, whose weights ``body_fp`` then hashes).
     """
     parts = {
         "body": body_fp,
+        "part": part,
         "data": data_fp or dataset_fingerprint(ds),
         "pre": net.preprocessing.to_dict() | {"categories": None},
         "kind": kind,
@@ -135,8 +141,10 @@ def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_
 
 @torch.inference_mode()
 def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.device, view_seed: int | None,
-            progress: bool, desc: str, precision: Any = None) -> None:
-    """Run the body over ``ds`` once and write its outputs to ``out`` (.npy, atomically)."""
+            progress: bool, desc: str, precision: Any = None,
+            run: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Run the body (or ``run``, a part of it) over ``ds`` once; write the outputs to ``out`` atomically."""
+    run = run or net.features
     net.eval()
     loader = make_loader(ds, batch_size=batch_size, shuffle=False, workers=None, seed=view_seed or 0)
     if view_seed is not None:
@@ -148,7 +156,7 @@ def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.
     try:
         for x, _ in bar:
             with precision.autocast() if precision is not None else contextlib.nullcontext():
-                f = net.features(x.to(device)).float().cpu().numpy()
+                f = run(x.to(device)).float().cpu().numpy()
             if mm is None:
                 mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ds), *f.shape[1:]))
             mm[at : at + len(f)] = f
@@ -163,9 +171,13 @@ def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.
 
 def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int, seed: int, root: Path,
                     batch_size: int, device: torch.device, progress: bool, desc: str,
-                    precision: Any = None, policy: str = "none", data_fp: str | None = None) -> FeatureDataset:
-    """The features of ``ds`` for ``view``, computed now unless a complete cache entry exists."""
-    key = make_key(net, body_fp, ds, kind, view, seed, getattr(precision, "dtype", None), policy, data_fp)
+                    precision: Any = None, policy: str = "none", data_fp: str | None = None,
+                    run: Callable[[torch.Tensor], torch.Tensor] | None = None, part: str = "body") -> FeatureDataset:
+    """The features of ``ds`` for ``view``, computed now unless a complete cache entry exists.
+
+    ``run`` and ``part`` cache a prefix of the body instead (see :meth:`Network.frozen_prefix`).
+    """
+    key = make_key(net, body_fp, ds, kind, view, seed, getattr(precision, "dtype", None), policy, data_fp, part)
     cache = FeatureCache(root, key)
     if not cache.complete(view):
         cache.folder.mkdir(parents=True, exist_ok=True)
@@ -175,10 +187,11 @@ def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int
         try:
             extract(net, ds, cache.file(view), batch_size=batch_size, device=device,
                     view_seed=seed * 1009 + view if view > 0 else None, progress=progress, desc=desc,
-                    precision=precision)
+                    precision=precision, run=run)
         finally:
             ds.transform = saved
-        meta = {"images": len(ds), "model": net.name, "view": view, "seconds": time.perf_counter() - start,
+        meta = {"images": len(ds), "model": net.name, "part": part, "view": view,
+                "seconds": time.perf_counter() - start,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S"), "source": desc}
         (cache.folder / f"view{view}.json").write_text(json.dumps(meta))
     return FeatureDataset(cache.file(view), list(ds.targets))
@@ -197,6 +210,7 @@ def cache_entries(root: Path) -> list[dict[str, Any]]:
         size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
         out.append({"key": folder.name, "views": len(metas), "bytes": size,
                     "model": metas[0]["model"] if metas else "?", "images": metas[0]["images"] if metas else 0,
+                    "part": metas[0].get("part", "body") if metas else "?",
                     "source": metas[0].get("source", "?") if metas else "incomplete",
                     "created": metas[0].get("created", "?") if metas else "?"})
     return out

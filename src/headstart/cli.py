@@ -298,7 +298,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     entries = cache_entries(root)
     print(f"feature cache: {root}")
     for e in entries:
-        print(f"  {e['key']}  {e['model']:<20} {e['images']:>7} images  {e['views']} view(s)  "
+        print(f"  {e['key']}  {e['model']:<20} {e['part']:<10} {e['images']:>7} images  {e['views']} view(s)  "
               f"{e['bytes'] / 2**20:8.1f} MiB  {e['created']}  {e['source']}")
     print(f"{len(entries)} entr(ies), {sum(e['bytes'] for e in entries) / 2**20:.1f} MiB")
     return 0

@@ -170,6 +170,11 @@ class CacheConfig:
     dir: str | None = None
     # View 0 is the plain image; views 1..K-1 are augmented copies, cycled through by epoch.
     views: int = 1
+    # While only the last depth groups train, cache the frozen first part's output too.
+    prefix: bool = True
+    # Largest cache (all views and the validation split) built for a stage; above it the stage
+    # runs the whole network (early feature maps of big images take a lot of space).
+    max_gb: float = 8.0
 
 
 @dataclass

@@ -214,10 +214,13 @@ def _epoch_loader(dataset: Any, cfg: RunConfig, epoch_seed: int, workers: int | 
 
 
 class StageInputs:
-    """What a stage trains and validates on: images through the whole network, or cached features.
+    """What a stage trains and validates on: images through the whole network, or cached tensors.
 
-    The cache is used while the whole body is frozen (and no auxiliary head trains): the body is
-    then a fixed function, run once per view instead of once per epoch.
+    While the whole body is frozen (and no auxiliary head trains) the body is a fixed function:
+    its features are computed once per view instead of once per epoch, and only the head trains
+    (``part = "body"``). While only the last depth groups train, the frozen first part of the
+    body's step chain is cached the same way and the stage runs the rest of the body and the head
+    on its stored output (``part = "prefix:K"``, K steps). Otherwise images go through everything.
     """
 
     def __init__(self, net: Network, data: DataBundle, cfg: RunConfig, device: torch.device,
@@ -228,10 +231,9 @@ class StageInputs:
         self.channels_last = tc.channels_last if tc.channels_last is not None else device.type == "cuda"
         if self.channels_last:
             net.to(memory_format=torch.channels_last)
-        body_frozen = not any(p.requires_grad for p in net.body.parameters())
-        # With BatchNorm policy "train" a frozen body still changes its output from batch to
-        # batch (batch statistics), so its features cannot be stored.
-        self.cached = cfg.cache.enabled and body_frozen and net.bn_policy != "train"
+        self.cut = 0  # chain steps whose output is cached (prefix part only)
+        self.part = self._choose_part(say)
+        self.cached = self.part is not None
         self.views: dict[int, Any] = {}
         self.body_fp = ""
         self.setup_seconds = 0.0  # feature extraction, counted in the stage's time
@@ -239,37 +241,75 @@ class StageInputs:
         if self.cached:
             from .cache import body_fingerprint, cache_root
 
-            self.body_fp, self.root = body_fingerprint(net), cache_root(cfg.cache.dir)
+            self.body_fp = body_fingerprint(net) if self.part == "body" else net.prefix_fingerprint(self.cut)
+            self.root = cache_root(cfg.cache.dir)
             start = time.perf_counter()
-            self.val = self._features(data.val, 0, "features val")
+            self.val = self._features(data.val, 0, "val")
             self.train_view(0)
             self.setup_seconds = time.perf_counter() - start
-            say(f"   features cached in {self.setup_seconds:.1f}s: the frozen body runs once, "
-                f"not every epoch ({self.root})")
+            what = ("the frozen body runs once, not every epoch" if self.part == "body" else
+                    f"the frozen first {self.cut} of {len(net.chain or [])} body steps (up to "
+                    f"{self._cut_name()}) run once, not every epoch")
+            say(f"   features cached in {self.setup_seconds:.1f}s: {what} ({self.root})")
             self.workers: int | None = 0
         else:
             self.val, self.workers = data.val, cfg.data.workers
 
-    def _features(self, ds: Any, view: int, desc: str) -> Any:
+    def _choose_part(self, say: Callable[[str], None]) -> str | None:
+        net, cfg = self.net, self.cfg
+        # With BatchNorm policy "train" a frozen body still changes its output from batch to
+        # batch (batch statistics), so its features cannot be stored.
+        if not cfg.cache.enabled or net.bn_policy == "train":
+            return None
+        if not any(p.requires_grad for p in net.body.parameters()):
+            return "body"
+        cut = net.frozen_prefix() if cfg.cache.prefix else 0
+        if cut == 0:
+            return None
+        if cfg.train.mixup or cfg.train.cutmix:
+            say("   frozen first part not cached: mixup/cutmix mix images, not feature maps")
+            return None
+        # Early feature maps can be far larger than the images: check the space first.
+        x = self.data.val[0][0].unsqueeze(0).to(self.device)
+        with torch.inference_mode(), self.precision.autocast():
+            per_image = net.eval().run_steps(x, 0, cut).numel() * 4
+        views = (cfg.cache.views if cfg.data.augment else 1) + 1
+        need = per_image * (len(self.data.train) * (views - 1) + len(self.data.val))
+        if need > cfg.cache.max_gb * 2**30:
+            say(f"   frozen first part not cached: its output would take {need / 2**30:.1f} GB "
+                f"(cache.max_gb is {cfg.cache.max_gb:g}); the whole network runs every epoch")
+            return None
+        self.cut = cut
+        return f"prefix:{cut}"
 
+    def _cut_name(self) -> str:
+        return self.net.chain[self.cut - 1].name if self.net.chain and self.cut else "-"
+
+    def _prefix(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.run_steps(x, 0, self.cut)
+
+    def _features(self, ds: Any, view: int, split: str) -> Any:
         # Under torchrun rank 0 extracts; the others wait, then read the same complete entry.
         if not current_world().main:
             barrier()
-        out = self._extract(ds, view, desc)
+        out = self._extract(ds, view, split)
         if current_world().main:
             barrier()
         return out
 
-    def _extract(self, ds: Any, view: int, desc: str) -> Any:
+    def _extract(self, ds: Any, view: int, split: str) -> Any:
         from .cache import cached_features, dataset_fingerprint
 
         if id(ds) not in self.data_fps:  # once per dataset and stage, not once per view
             self.data_fps[id(ds)] = dataset_fingerprint(ds)
+        what = "features" if self.part == "body" else f"features up to {self._cut_name()}"
         return cached_features(self.net, ds, body_fp=self.body_fp, kind=self.data.kind, view=view,
                                seed=self.cfg.train.seed, root=self.root, batch_size=self.cfg.data.batch_size * 2,
-                               device=self.device, progress=self.cfg.train.progress, desc=desc,
+                               device=self.device, progress=self.cfg.train.progress,
+                               desc=f"{what} {split}" + (f" view {view}" if split == "train" else ""),
                                precision=self.precision, policy=self.cfg.data.auto_augment,
-                               data_fp=self.data_fps[id(ds)])
+                               data_fp=self.data_fps[id(ds)], part=self.part or "body",
+                               run=self._prefix if self.part != "body" else None)
 
     def train_view(self, epoch: int) -> Any:
         if not self.cached:
@@ -278,7 +318,7 @@ class StageInputs:
         views = self.cfg.cache.views if self.cfg.data.augment else 1
         view = epoch % max(1, views)
         if view not in self.views:
-            self.views[view] = self._features(self.data.train, view, f"features train view {view}")
+            self.views[view] = self._features(self.data.train, view, "train")
         return self.views[view]
 
     def forward(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None:
@@ -287,8 +327,13 @@ class StageInputs:
         return self._forward
 
     def _build_forward(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] | None:
-        if self.cached:
+        if self.part == "body":
             fn, owner = (lambda f: (self.net.head(f), [])), self.net.head
+        elif self.part is not None:
+            suffix = _FromCut(self.net, self.cut)
+            fn, owner = (lambda a: (suffix(a), [])), self.net
+            if self.cfg.train.compile:
+                fn = torch.compile(fn)
         elif self.cfg.train.compile:
             # Compiling the bound method keeps the module tree (and state_dict keys) as they are.
             fn, owner = torch.compile(self.net.forward_train), self.net
@@ -312,11 +357,24 @@ class StageInputs:
         return lambda x, y: op(x, y)
 
     def eval_model(self) -> nn.Module:
-        return self.net.head if self.cached else self.net
+        if self.part == "body":
+            return self.net.head
+        return _FromCut(self.net, self.cut) if self.part is not None else self.net
 
     def val_loader(self) -> DataLoader:
         return make_loader(self.val, batch_size=self.cfg.data.batch_size * 2, shuffle=False,
                            workers=self.workers, seed=self.cfg.train.seed)
+
+
+class _FromCut(nn.Module):
+    """The network from chain step ``cut`` on: the rest of the body, then the head."""
+
+    def __init__(self, net: Network, cut: int) -> None:
+        super().__init__()
+        self.net, self.cut = net, cut
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.net.head(self.net.run_steps(a, self.cut))
 
 
 def _group_lrs(opt: torch.optim.Optimizer) -> dict[str, float]:

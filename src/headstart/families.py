@@ -11,9 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .network import Group
+from .network import Group, Step
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class Family:
     aux: tuple[str, ...] = field(default_factory=tuple)
     # Cut the model into (body, head) differently from "replace the head with Identity".
     split: Callable[[nn.Module], tuple[nn.Module, nn.Module]] | None = None
+    # The body's forward pass as a chain of steps (None: it only runs whole, as for the
+    # Inception family, whose auxiliary classifiers branch off mid-body).
+    chain: Callable[[nn.Module], list[Step]] | None = None
 
 
 # ---------------------------------------------------------------------- group builders
@@ -188,24 +192,92 @@ class _SqueezeBody(nn.Module):
         return self.features(x)
 
 
+# ---------------------------------------------------------------------- step chains
+# A chain repeats the family's own forward (torchvision's ``forward`` with the head an Identity)
+# step by step; tests check, for every model, that the chain's output equals the body's.
+
+
+def _module(path: str) -> Step:
+    return Step(path, lambda body, x, p=path: body.get_submodule(p)(x), [path])
+
+
+def chain_of(*items: str | Step) -> Callable[[nn.Module], list[Step]]:
+    """Steps from module paths (``"path/*"``: each child of a Sequential) and ready-made steps."""
+
+    def chain(model: nn.Module) -> list[Step]:
+        out: list[Step] = []
+        for item in items:
+            if isinstance(item, Step):
+                out.append(item)
+            elif item.endswith("/*"):
+                path = item[:-2]
+                out += [_module(f"{path}.{n}") for n, _ in model.get_submodule(path).named_children()]
+            else:
+                out.append(_module(item))
+        return out
+
+    return chain
+
+
+FLATTEN = Step("flatten", lambda body, x: torch.flatten(x, 1))
+AVG_POOL = Step("avgpool", lambda body, x: F.adaptive_avg_pool2d(x, (1, 1)))
+MEAN_HW = Step("mean", lambda body, x: x.mean([2, 3]))
+
+
+def _vit_stem(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # VisionTransformer.forward up to the encoder layers: patches, class token, positions.
+    x = body._process_input(x)
+    x = torch.cat([body.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+    return body.encoder.dropout(x + body.encoder.pos_embedding)
+
+
+_vit_chain = chain_of(
+    Step("stem", _vit_stem, ["conv_proj", "class_token", "encoder.pos_embedding"]),
+    "encoder.layers/*", "encoder.ln", Step("class_token", lambda body, x: x[:, 0]),
+)
+
+
+def timm_chain(model: nn.Module) -> list[Step] | None:
+    """The step chain of the timm classes headstart knows (EfficientNet, ResNet), else None."""
+    drop = Step("drop", lambda body, x: F.dropout(x, p=float(body.drop_rate), training=body.training))
+    name = type(model).__name__
+    if name == "EfficientNet":
+        return chain_of("conv_stem", "bn1", "blocks/*", "conv_head", "bn2", "global_pool", drop)(model)
+    if name == "ResNet":
+        return chain_of("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4",
+                        "global_pool", drop)(model)
+    return None
+
+
 FAMILIES: dict[str, Family] = {
-    "AlexNet": Family("classifier", "6", "flat", _split_at_pools("features")),
-    "VGG": Family("classifier", "6", "flat", _split_at_pools("features")),
-    "ResNet": Family("fc", "", "flat", _resnet),
-    "DenseNet": Family("classifier", "", "flat", _densenet),
-    "SqueezeNet": Family("classifier", "1", "map", _split_at_pools("features"), split=_squeezenet_split),
+    "AlexNet": Family("classifier", "6", "flat", _split_at_pools("features"),
+                      chain=chain_of("features/*", "avgpool", FLATTEN)),
+    "VGG": Family("classifier", "6", "flat", _split_at_pools("features"),
+                  chain=chain_of("features/*", "avgpool", FLATTEN)),
+    "ResNet": Family("fc", "", "flat", _resnet, chain=chain_of(
+        "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", FLATTEN)),
+    "DenseNet": Family("classifier", "", "flat", _densenet, chain=chain_of(
+        "features/*", Step("relu", lambda body, x: F.relu(x)), AVG_POOL, FLATTEN)),
+    "SqueezeNet": Family("classifier", "1", "map", _split_at_pools("features"), split=_squeezenet_split,
+                         chain=chain_of("features/*")),
     "Inception3": Family("fc", "", "flat", _inception3, aux=("AuxLogits.fc",)),
     "GoogLeNet": Family("fc", "", "flat", _googlenet, aux=("aux1.fc2", "aux2.fc2")),
-    "MobileNetV2": Family("classifier", "1", "flat", _split_by_resolution("features")),
-    "MobileNetV3": Family("classifier", "3", "flat", _split_by_resolution("features")),
-    "MNASNet": Family("classifier", "1", "flat", _split_by_resolution("layers", stem=8)),
-    "ShuffleNetV2": Family("fc", "", "flat", _shufflenet),
-    "EfficientNet": Family("classifier", "1", "flat", _split_by_resolution("features")),
-    "RegNet": Family("fc", "", "flat", _regnet),
-    "ConvNeXt": Family("classifier", "2", "pooled", _pairs()),
-    "VisionTransformer": Family("heads", "head", "flat", _vit),
-    "SwinTransformer": Family("head", "", "flat", _pairs(["norm"])),
-    "MaxVit": Family("classifier", "5", "map", _maxvit),
+    "MobileNetV2": Family("classifier", "1", "flat", _split_by_resolution("features"),
+                          chain=chain_of("features/*", AVG_POOL, FLATTEN)),
+    "MobileNetV3": Family("classifier", "3", "flat", _split_by_resolution("features"),
+                          chain=chain_of("features/*", "avgpool", FLATTEN)),
+    "MNASNet": Family("classifier", "1", "flat", _split_by_resolution("layers", stem=8),
+                      chain=chain_of("layers/*", MEAN_HW)),
+    "ShuffleNetV2": Family("fc", "", "flat", _shufflenet, chain=chain_of(
+        "conv1", "maxpool", "stage2", "stage3", "stage4", "conv5", MEAN_HW)),
+    "EfficientNet": Family("classifier", "1", "flat", _split_by_resolution("features"),
+                           chain=chain_of("features/*", "avgpool", FLATTEN)),
+    "RegNet": Family("fc", "", "flat", _regnet, chain=chain_of("stem", "trunk_output/*", "avgpool", FLATTEN)),
+    "ConvNeXt": Family("classifier", "2", "pooled", _pairs(), chain=chain_of("features/*", "avgpool")),
+    "VisionTransformer": Family("heads", "head", "flat", _vit, chain=_vit_chain),
+    "SwinTransformer": Family("head", "", "flat", _pairs(["norm"]),
+                               chain=chain_of("features/*", "norm", "permute", "avgpool", "flatten")),
+    "MaxVit": Family("classifier", "5", "map", _maxvit, chain=chain_of("stem", "blocks/*")),
 }
 
 

@@ -74,7 +74,22 @@ def plan_text(net: Network, cfg: RunConfig) -> str:
         lrs = group_lrs(net, stage, 1.0 if auto else float(lr))
         states, modes = trainable_state(net), bn_mode(net)
         lines.append(f"stage {i}: {stage.name}, {stage.epochs} epoch(s), freeze {stage.freeze}, BatchNorm {stage.bn}")
+        lines.append(f"    feature cache: {cache_plan(net, cfg)}")
         for g in [*(g.name for g in net.groups), "head"]:
             rate = "frozen" if states[g] == "frozen" else f"lr auto×{lrs[g]:.3g}" if auto else f"lr {lrs[g]:.3g}"
             lines.append(f"    {g:<14} {rate:<14} BatchNorm {modes.get(g, '-')}")
     return "\n".join(lines)
+
+
+def cache_plan(net: Network, cfg: RunConfig) -> str:
+    """What the stage, as frozen now, would read from the feature cache (see ``engine.StageInputs``)."""
+    if not cfg.cache.enabled:
+        return "off"
+    if net.bn_policy == "train":
+        return "none (frozen BatchNorm uses batch statistics)"
+    if not any(p.requires_grad for p in net.body.parameters()):
+        return "the whole body's features, computed once"
+    cut = net.frozen_prefix() if cfg.cache.prefix else 0
+    if cut == 0 or net.chain is None:
+        return "none (images go through the whole network every epoch)"
+    return f"the frozen first {cut} of {len(net.chain)} body steps (up to {net.chain[cut - 1].name}), computed once"

@@ -17,7 +17,8 @@ Example::
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,21 @@ class Group:
 
     def owns(self, param_name: str) -> bool:
         return any(param_name == p or param_name.startswith(p + ".") for p in self.prefixes)
+
+
+@dataclass
+class Step:
+    """One link of the body's forward pass, which composed in order equals ``body(x)``.
+
+    ``run(body, x)`` computes the step (it looks its modules up in ``body`` at call time, so a
+    deep-copied network runs its own copy); ``prefixes`` name the body parameters it uses. Chains
+    let a stage cache the output of a frozen prefix of the body and train only the rest
+    (see :meth:`Network.frozen_prefix`).
+    """
+
+    name: str
+    run: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    prefixes: list[str] = field(default_factory=list)
 
 
 class Network(nn.Module):
@@ -78,6 +94,9 @@ class Network(nn.Module):
         self.bn_policy = "frozen"
         # Which weights were loaded, as a user would name them (set by the builder).
         self.weights_name = "none"
+        # The body's forward as a chain of steps, where the family provides one (None: the body
+        # only runs whole, and only a fully frozen body can be cached).
+        self.chain: list[Step] | None = None
 
     # ------------------------------------------------------------------ forward
 
@@ -112,6 +131,49 @@ class Network(nn.Module):
 
             apply_train_mode(self)
         return self
+
+    def run_steps(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Steps ``start`` to ``stop`` of the chain (all of them: the same as :meth:`features`)."""
+        if self.chain is None:
+            raise HeadstartError(f"{self.name} has no step chain: its body only runs whole")
+        for step in self.chain[start:stop]:
+            x = step.run(self.body, x)
+        return x
+
+    def frozen_prefix(self) -> int:
+        """How many leading chain steps are fixed functions now: their output can be cached.
+
+        The prefix ends after the last step, from the start, whose parameters are all frozen;
+        parameter-free steps (ReLU, pooling) between frozen ones belong to it, those after the
+        last one do not (they may be dropout). 0 when there is no chain, when nothing at the
+        start is frozen, or when frozen BatchNorm still uses batch statistics (policy ``train``).
+        """
+        if self.chain is None or self.bn_policy == "train":
+            return 0
+        params = dict(self.body.named_parameters())
+        # Only whole frozen groups are put in eval mode while training (``freeze.apply_train_mode``):
+        # a frozen step inside a partly trainable group could still run dropout in train mode.
+        live = {self.group_of(n) for n, p in params.items() if p.requires_grad}
+        cut = 0
+        for i, step in enumerate(self.chain):
+            own = [n for n in params if _owned(n, step.prefixes)]
+            if any(params[n].requires_grad or self.group_of(n) in live for n in own):
+                break
+            if own:
+                cut = i + 1
+        return cut
+
+    def prefix_fingerprint(self, cut: int) -> str:
+        """sha256 over the weights of the first ``cut`` steps (names, shapes, bytes) and the cut."""
+        assert self.chain is not None
+        h = hashlib.sha256(f"{self.name}|{cut}|{[s.name for s in self.chain[:cut]]}".encode())
+        prefixes = [p for s in self.chain[:cut] for p in s.prefixes]
+        for name, t in self.body.state_dict().items():
+            if _owned(name, prefixes):
+                h.update(name.encode())
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     # ------------------------------------------------------------------ groups
 
@@ -201,6 +263,10 @@ def build_mlp_head(in_features: int, num_classes: int, cfg: HeadConfig, layout: 
 
 
 # ---------------------------------------------------------------------- module surgery
+
+
+def _owned(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def _final_layer(head: nn.Module, path: str) -> nn.Module:
