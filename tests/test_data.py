@@ -164,7 +164,7 @@ def test_stratified_limit_keeps_proportions() -> None:
 
 
 def test_datasets_api_and_pickling(three_classes: Path) -> None:
-    b = build_data(_cfg(three_classes), PRE)
+    b = build_data(_cfg(three_classes, in_memory=False), PRE)  # files (in-memory: tests/test_memory.py)
     ds = b.train
     assert ds.classes == b.classes and isinstance(ds.targets, list)
     raw = ds.raw_image(0)
@@ -331,7 +331,8 @@ def test_loader_same_seed_same_order(three_classes: Path) -> None:
 def test_default_workers(three_classes: Path, monkeypatch) -> None:
     digits = build_data(DataConfig(source="digits", limit_train=20, limit_val=10), PRE)
     assert hd.default_workers(digits.train) == 0
-    files = build_data(_cfg(three_classes), PRE).train
+    assert hd.default_workers(build_data(_cfg(three_classes), PRE).train) == 0  # decoded into memory
+    files = build_data(_cfg(three_classes, in_memory=False), PRE).train
     monkeypatch.setattr(hd, "_usable_cpus", lambda: 1)
     assert hd.default_workers(files) == 0
     monkeypatch.setattr(hd, "_usable_cpus", lambda: 2)

@@ -46,9 +46,24 @@ def prepare(cfg: RunConfig) -> tuple[Network, Any]:
     if size is None and cfg.data.source == "digits":
         size = DIGITS_INPUT_SIZE
     net = build_network(cfg.model.name, cfg.model.weights, input_size=size)
-    data = build_data(cfg.data, net.preprocessing, seed=cfg.train.seed)
+    data = _training_data(cfg, net)
     net.replace_head(len(data.classes), cfg.head)
     return net, data
+
+
+def _training_data(cfg: RunConfig, net: Network) -> Any:
+    """The run's data; in-memory photos are transformed per batch on the GPU when that is on."""
+    from .distributed import local_device
+    from .memory import enable_batch_transforms
+
+    data = build_data(cfg.data, net.preprocessing, seed=cfg.train.seed, progress=cfg.train.progress)
+    device = pick_device(local_device(cfg.train.device))
+    batched = cfg.data.batch_transforms
+    if batched is None:  # the per-image loader keeps up with a CPU's training, not with a GPU's
+        batched = device.type == "cuda"
+    if batched:
+        enable_batch_transforms(data, device)
+    return data
 
 
 def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[str], None] = print,
@@ -100,7 +115,7 @@ def _rebuild_for_resume(cfg: RunConfig, state: dict[str, Any]) -> tuple[Network,
     """The network and data of an interrupted run, from its checkpoint: nothing is downloaded."""
     seed_everything(cfg.train.seed)
     net = checkpoint.load_network(state)[0]
-    data = build_data(cfg.data, net.preprocessing, seed=cfg.train.seed)
+    data = _training_data(cfg, net)
     if list(data.classes) != list(state["classes"]):
         raise HeadstartError(
             f"the data's classes changed since the run began: now {data.classes[:10]}, the run has "
@@ -203,7 +218,7 @@ def evaluate_checkpoint(
     net, ckpt = checkpoint.load_network(ckpt_path)
     cfg = from_dict(RunConfig, ckpt["config"]) if "config" in ckpt else RunConfig()
     dcfg = DataConfig(source=data_source, root=cfg.data.root, val_split=cfg.data.val_split,
-                      batch_size=batch_size, augment=False, strict=strict)
+                      batch_size=batch_size, augment=False, strict=strict, in_memory=False)
     if split == "all" or (split == "auto" and Path(data_source).expanduser().is_dir()
                           and not _has_split_folders(Path(data_source).expanduser())):
         dataset = folder_dataset(data_source, strict=strict)

@@ -80,6 +80,7 @@ def body_fingerprint(net: Network) -> str:
 def dataset_fingerprint(ds: Any) -> str:
     """sha256 of what the dataset holds: file paths with sizes and times, or array bytes."""
     h = hashlib.sha256(type(ds).__name__.encode())
+    h.update(str(getattr(ds, "stored_shape", "")).encode())  # in-memory images: the size they were kept at
     if hasattr(ds, "paths"):
         for p in ds.paths:
             st = os.stat(p)
@@ -134,6 +135,10 @@ def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_
         "transform": repr(view_transform(net, kind, view, policy)),
         "seed": augment_seed if view > 0 else None,
         "precision": str(precision_dtype),
+        # In-memory photos transformed per batch on the device (headstart.memory) differ from the
+        # per-image transform in the last bits: their features are kept apart.
+        "batched": getattr(ds, "batch_device", None) is not None and kind == "photo"
+        and (view == 0 or policy == "none"),
         "format": 1,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]

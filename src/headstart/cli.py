@@ -22,6 +22,18 @@ from . import __version__
 from .config import RunConfig, apply_overrides, load_yaml
 from .errors import HeadstartError
 
+
+def _yes_no_auto(value: str) -> bool | None:
+    v = value.strip().lower()
+    if v in ("yes", "true", "on", "1"):
+        return True
+    if v in ("no", "false", "off", "0"):
+        return False
+    if v == "auto":
+        return None
+    raise argparse.ArgumentTypeError(f"expected yes, no or auto, got {value!r}")
+
+
 # flag, config key, argparse options, help
 TRAIN_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("--model", "model.name", {}, "backbone name (see `headstart models`)"),
@@ -40,6 +52,10 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("--workers", "data.workers", {"type": int}, "data loading processes (default: chosen for the data)"),
     ("--no-augment", "data.augment", {"action": "store_const", "const": False}, "turn train-time augmentation off"),
     ("--strict", "data.strict", {"action": "store_const", "const": True}, "unreadable images are an error"),
+    ("--in-memory", "data.in_memory", {"type": _yes_no_auto},
+     "decode image files once and keep them in memory: yes, no or auto (when they fit data.memory_gb)"),
+    ("--batch-transforms", "data.batch_transforms", {"type": _yes_no_auto},
+     "crop, flip and normalise in-memory images per batch on the device: yes, no or auto (on CUDA)"),
     ("--limit-train", "data.limit_train", {"type": int}, "use at most N training images"),
     ("--limit-val", "data.limit_val", {"type": int}, "use at most N validation images"),
     ("--freeze", "train.freeze", {}, "what the head stage freezes: body, none, K (first K groups) or patterns"),
@@ -59,6 +75,7 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("--schedule", "train.schedule", {"choices": ["two-phase", "gradual"]},
      "the seed's two phases or gradual unfreezing"),
     ("--patience", "train.patience", {"type": int}, "stop a stage after N epochs without improvement"),
+    ("--checkpoint-minutes", "train.checkpoint_minutes", {"type": float}, "mid-epoch last.pt every N minutes (0: off)"),
     ("--seed", "train.seed", {"type": int}, "random seed (a CPU run repeats exactly)"),
     ("--device", "train.device", {}, "auto, cpu, cuda or cuda:N"),
     ("--no-progress", "train.progress", {"action": "store_const", "const": False}, "no progress bars"),

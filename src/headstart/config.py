@@ -76,6 +76,13 @@ class DataConfig:
     balanced: bool = False
     # Unreadable images are an error instead of a skipped-with-warning.
     strict: bool = False
+    # Decode image files once and hold them in memory as uint8 tensors: None = when they fit in
+    # ``memory_gb``; true forces it (with a check), false reads every file every epoch.
+    in_memory: bool | None = None
+    memory_gb: float = 2.0
+    # Resize, crop, flip and normalise in-memory images a batch at a time on the training
+    # device (GPU augmentation) instead of image by image in the loader; None = on CUDA only.
+    batch_transforms: bool | None = None
     # Use at most this many training / validation images (quick runs and tests).
     limit_train: int | None = None
     limit_val: int | None = None
@@ -153,6 +160,11 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
     # Stop a stage when validation accuracy has not improved for this many epochs.
     patience: int | None = None
+    # Mid-epoch checkpoints: ``last.pt`` is also written inside an epoch, at most every this many
+    # minutes of training (None or 0: only at epoch ends) and/or every this many steps, so a
+    # resumed run redoes none of the batches already trained and ends exactly as if uninterrupted.
+    checkpoint_minutes: float | None = 10.0
+    checkpoint_steps: int | None = None
     seed: int = 0
     # ``auto`` picks cuda when there is one.
     device: str = "auto"

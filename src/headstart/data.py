@@ -372,7 +372,17 @@ def build_transform(
         v2.Normalize(mean=list(pre.mean), std=list(pre.std)),
         v2.ToPureTensor(),  # plain tensors: callers need not know about tv_tensors
     ]
-    return v2.Compose(steps)
+    return ImageTransform(steps, spec={"pre": pre, "train": train, "augment": augment, "kind": kind,
+                                       "policy": policy})
+
+
+class ImageTransform(v2.Compose):
+    """A :func:`build_transform` pipeline that remembers how it was built (``spec``), so that
+    in-memory images can be given its batched twin (:class:`headstart.memory.BatchTransform`)."""
+
+    def __init__(self, transforms: Sequence[Callable], spec: dict[str, Any]) -> None:
+        super().__init__(transforms)
+        self.spec = spec
 
 
 # --------------------------------------------------------------------------- splitting
@@ -450,11 +460,13 @@ def _check_val_split(val_split: float, where: str) -> None:
 # --------------------------------------------------------------------------- sources
 
 
-def build_data(cfg: DataConfig, pre: Preprocessing, *, seed: int = 0) -> DataBundle:
+def build_data(cfg: DataConfig, pre: Preprocessing, *, seed: int = 0, progress: bool = False) -> DataBundle:
     """Build the train and validation datasets that ``cfg`` describes.
 
     ``pre`` gives the input size and normalisation; ``seed`` fixes the validation split and the
-    ``limit_train``/``limit_val`` subsets. Raises :class:`HeadstartError` for unknown sources,
+    ``limit_train``/``limit_val`` subsets. Image folders are decoded once into memory when they
+    fit (``data.in_memory``, :mod:`headstart.memory`); ``progress`` shows and reports that.
+    Raises :class:`HeadstartError` for unknown sources,
     bad folders or settings, and :class:`OfflineError` when a download is needed but fails.
     """
     source = str(cfg.source).strip()
@@ -476,7 +488,11 @@ def build_data(cfg: DataConfig, pre: Preprocessing, *, seed: int = 0) -> DataBun
             f"{source} leaves no images for validation (each class needs at least 2 images for a split); "
             "add images, raise data.val_split, or give train/ and val/ folders"
         )
-    return bundle
+    from .memory import hold_in_memory
+
+    return hold_in_memory(bundle, enabled=cfg.in_memory, memory_gb=cfg.memory_gb, pre=pre,
+                          workers=default_workers(bundle.train) if cfg.workers is None else cfg.workers,
+                          progress=progress, say=print if progress else log.info)
 
 
 def _digits(cfg: DataConfig, seed: int) -> DataBundle:
@@ -707,7 +723,10 @@ def make_loader(
         raise HeadstartError(f"data.workers must be 0 or more (or none for automatic), got {workers}")
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(
+    from .memory import DeviceBatches, batched_transform
+
+    batched = batched_transform(getattr(dataset, "dataset", dataset))
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
@@ -721,3 +740,7 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
     )
+    if batched is None:
+        return loader
+    inner = getattr(dataset, "dataset", dataset)
+    return DeviceBatches(loader, batched, inner.batch_device, seed)  # type: ignore[return-value]

@@ -211,7 +211,7 @@ def _dataset(ckpt: dict[str, Any], pre: Any, data_source: str | None, split: str
     if "config" not in ckpt and data_source is None:
         raise HeadstartError("the checkpoint has no saved config: give the data source to interpret it on")
     cfg = from_dict(RunConfig, ckpt["config"]) if "config" in ckpt else RunConfig()
-    dcfg = dataclasses.replace(cfg.data, augment=False)
+    dcfg = dataclasses.replace(cfg.data, augment=False, in_memory=False)  # one pass: nothing to keep
     if data_source is not None and str(data_source) != str(cfg.data.source):
         dcfg = dataclasses.replace(dcfg, source=str(data_source), limit_train=None, limit_val=None)
     if split == "all":
