@@ -331,8 +331,12 @@ def test_loader_same_seed_same_order(three_classes: Path) -> None:
 def test_default_workers(three_classes: Path, monkeypatch) -> None:
     digits = build_data(DataConfig(source="digits", limit_train=20, limit_val=10), PRE)
     assert hd.default_workers(digits.train) == 0
-    assert hd.default_workers(build_data(_cfg(three_classes), PRE).train) == 0  # decoded into memory
     files = build_data(_cfg(three_classes, in_memory=False), PRE).train
+    decoded = build_data(_cfg(three_classes), PRE).train  # still resized and cropped per item
+    monkeypatch.setattr(hd, "_usable_cpus", lambda: 2)
+    assert hd.default_workers(decoded) == 1
+    decoded.batch_device = torch.device("cpu")  # items are raw slices: transformed per batch
+    assert hd.default_workers(decoded) == 0
     monkeypatch.setattr(hd, "_usable_cpus", lambda: 1)
     assert hd.default_workers(files) == 0
     monkeypatch.setattr(hd, "_usable_cpus", lambda: 2)

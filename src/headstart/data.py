@@ -682,12 +682,15 @@ def _usable_cpus() -> int:
 def default_workers(dataset: Dataset) -> int:
     """Worker processes for ``dataset`` when the config says ``workers: null``.
 
-    In-memory datasets (digits, CIFAR) get 0: their items cost microseconds to fetch, so worker
-    start-up and inter-process transfer cost more than they save. File-backed datasets get up to
-    4, leaving one core for the main process (0 on a single-core machine).
+    In-memory arrays (digits, CIFAR) and batch-transformed images get 0: their items cost
+    microseconds to fetch, so worker start-up and inter-process transfer cost more than they
+    save. Files and decoded images still resized per item get up to 4, leaving one core for the
+    main process (0 on a single-core machine).
     """
+    from .memory import batched_transform
+
     inner = getattr(dataset, "dataset", dataset)  # look through torch Subset
-    if getattr(inner, "in_memory", False):
+    if getattr(inner, "in_memory", False) or batched_transform(inner) is not None:
         return 0
     return max(0, min(4, _usable_cpus() - 1))
 

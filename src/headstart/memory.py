@@ -49,7 +49,10 @@ class MemoryDataset(Dataset):
     transforms whole batches on that device instead.
     """
 
-    in_memory = True
+    # Decoded, but each item still costs a resize and crop: worker processes transform them
+    # beside the training step, as for files (``data.default_workers``), unless batches are
+    # transformed on the device, where items are plain slices.
+    in_memory = False
 
     def __init__(self, images: torch.Tensor, targets: Sequence[int], classes: Sequence[str], *,
                  paths: Sequence[str], transform: Any = None) -> None:
