@@ -125,6 +125,13 @@ def test_loader_transforms_batches_on_the_device(tmp_path):
     assert x.dtype == torch.float32 and x.shape == (4, 3, PRE.crop, PRE.crop) and y.shape == (4,)
     again = next(iter(make_loader(data.train, batch_size=4, shuffle=False, workers=0, seed=3)))[0]
     assert torch.equal(x, again)
+    # a loader resumed after its first batch draws the second batch's crops as before
+    from headstart.engine import _SkipSampler
+
+    first_two = list(make_loader(data.train, batch_size=4, shuffle=False, workers=0, seed=3))[:2]
+    skipping = make_loader(data.train, batch_size=4, shuffle=False, workers=0, seed=3,
+                           sampler=_SkipSampler(range(len(data.train)), 4))
+    assert torch.equal(next(iter(skipping))[0], first_two[1][0])
     # an automatic policy has no batched twin: items are transformed one by one as before
     data.train.transform = build_transform(PRE, train=True, augment=True, policy="trivialaugment")
     assert data.train[0][0].dtype == torch.float32

@@ -72,7 +72,10 @@ def test_resume_of_finished_run_trains_nothing_more(tmp_path, monkeypatch, capsy
     args = [a if a != "3" else "1" for a in ARGS]  # one fine-tuning epoch
     assert main(["train", *args, "--output", str(tmp_path), "--name", "done"]) == 0
     before = _state(tmp_path / "done" / "last.pt")
-    assert main(["train", "--resume", str(tmp_path / "done")]) == 0
+    # only where and how it runs may change: a new schedule is a new run
+    assert main(["train", "--resume", str(tmp_path / "done"), "--epochs", "9"]) == 2
+    assert "--checkpoint-minutes may change" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "done"), "--checkpoint-minutes", "5"]) == 0
     after = _state(tmp_path / "done" / "last.pt")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert "epoch 1/1" not in capsys.readouterr().out.split("resuming")[-1]

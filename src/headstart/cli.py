@@ -92,8 +92,8 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any], str]] = [
 ]
 
 
-# What may differ when a run resumes: where it runs and how it shows progress.
-RESUME_FLAGS = {"train.device", "train.progress"}
+# What may differ when a run resumes: where it runs, how it shows progress, how often it saves.
+RESUME_FLAGS = {"train.device", "train.progress", "train.checkpoint_minutes"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,8 +214,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         given = {key for _, key, _, _ in TRAIN_FLAGS if getattr(args, key, None) is not None}
         extra = given - RESUME_FLAGS or ({"--config"} if args.config else set()) or set(args.set)
         if extra:
-            raise HeadstartError(f"--resume continues the run's saved config; only --device and --no-progress "
-                                 f"may change (got {', '.join(sorted(extra))})")
+            raise HeadstartError(f"--resume continues the run's saved config; only --device, --no-progress and "
+                                 f"--checkpoint-minutes may change (got {', '.join(sorted(extra))})")
         train(RunConfig(), resume=args.resume, overrides={k: getattr(args, k) for k in given})
     else:
         train(resolve_config(args))

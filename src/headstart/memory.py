@@ -276,8 +276,11 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.seed)
-        for x, y in self.loader:
+        # Each batch's draws are seeded by its position in the epoch, so a run resumed inside
+        # an epoch (whose sampler skips the batches already trained) crops as it would have.
+        skipped = getattr(self.loader.sampler, "skip", 0) // max(1, self.loader.batch_size or 1)
+        for i, (x, y) in enumerate(self.loader, start=skipped):
+            gen.manual_seed(self.seed * 1_000_003 + i)
             yield self.transform(x.to(self.device, non_blocking=True), gen), y
 
 
