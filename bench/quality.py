@@ -226,6 +226,8 @@ def main() -> None:
                    help="C values for the baseline (default 1e-4 ... 1 in 9 steps; 3 with --quick)")
     p.add_argument("--only", default="a,b,c,d,e", help="which of a,b,c,d,e to run (c needs b)")
     p.add_argument("--partial-epochs", type=int, default=8, help="fine-tuning epochs of run (d)")
+    p.add_argument("--per-class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
+                   help="images per class (default 500 100; 20 10 with --quick; 4900 100 = the full split)")
     args = p.parse_args()
     common.setup_torch(args.threads)
     args.size = args.size or (64 if args.quick else 128)
@@ -234,7 +236,7 @@ def main() -> None:
     args.calib_steps = args.calib_steps or (1 if args.quick else 4)
     full_grid = [1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
     args.c_grid = args.c_grid or ([0.001, 0.01, 0.1] if args.quick else full_grid)
-    n_train, n_val = (20, 10) if args.quick else (500, 100)
+    n_train, n_val = args.per_class or ((20, 10) if args.quick else (500, 100))
     subset = common.subset_for(args, BENCH, n_train, n_val)
     only = set(args.only.split(","))
     stamp = time.strftime("%Y%m%d-%H%M%S")
