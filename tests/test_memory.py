@@ -141,7 +141,7 @@ def test_training_with_batched_transforms_end_to_end(tmp_path):
     root = _folder(tmp_path / "imgs", [(20, 20)], per_class=8)
     overrides = {"model.name": "resnet18", "model.weights": "none", "model.input_size": 24,
                  "data.source": str(root), "data.batch_size": 8, "train.epochs": 2, "train.finetune_epochs": 1,
-                 "train.progress": False}
+                 "train.finetune_unfreeze": "1", "train.progress": False}
     runs = {}
     for batched in (True, False):
         cfg = apply_overrides(RunConfig(), overrides | {"data.batch_transforms": batched})
@@ -150,6 +150,7 @@ def test_training_with_batched_transforms_end_to_end(tmp_path):
         assert (data.train.batch_device is not None) == batched
         runs[batched] = fit(net, data, cfg, say=lambda _: None)
         assert all(np.isfinite(r["train_loss"]) for r in runs[batched].history)
-    # the batched features are cached apart from the per-image ones
-    parts = cache_mod.cache_entries(tmp_path / "feature-cache")
-    assert len(parts) == 4
+    # the batched features (whole body, then the frozen prefix of the fine-tuning stage) are
+    # cached apart from the per-image ones
+    parts = sorted(e["part"] for e in cache_mod.cache_entries(tmp_path / "feature-cache"))
+    assert parts == ["body"] * 4 + ["prefix:7"] * 4

@@ -419,7 +419,9 @@ class StageInputs:
             say("   frozen first part not cached: mixup/cutmix mix images, not feature maps")
             return None
         # Early feature maps can be far larger than the images: check the space first.
-        x = self.data.val[0][0].unsqueeze(0).to(self.device)
+        # One image through the loader: in-memory photos are only transformed there, per batch.
+        x = next(iter(make_loader(self.data.val, batch_size=1, shuffle=False, workers=0, seed=0)))[0]
+        x = x.to(self.device)
         with torch.inference_mode(), self.precision.autocast():
             per_image = net.eval().run_steps(x, 0, cut).numel() * 4
         views = (cfg.cache.views if cfg.data.augment else 1) + 1
