@@ -67,6 +67,20 @@ class FeatureDataset(Dataset):
         self.__init__(state["path"], state["targets"])
 
 
+def cacheable_part(net: Network, cfg: Any) -> tuple[str | None, int]:
+    """What of the body, frozen as it is now, a stage can run once: ``("body", 0)``, the first
+    ``cut`` chain steps ``("prefix", cut)``, or ``(None, 0)``. ``cfg`` is the run's ``cache``
+    section; the stage then checks what needs the data (mixing, size)."""
+    # With BatchNorm policy "train" a frozen body still changes its output from batch to batch
+    # (batch statistics), so its features cannot be stored.
+    if not cfg.enabled or net.bn_policy == "train":
+        return None, 0
+    if not any(p.requires_grad for p in net.body.parameters()):
+        return "body", 0
+    cut = net.frozen_prefix() if cfg.prefix else 0
+    return ("prefix", cut) if cut else (None, 0)
+
+
 def body_fingerprint(net: Network) -> str:
     """sha256 over the body's parameters and buffers (names, shapes, bytes)."""
     h = hashlib.sha256(net.name.encode())

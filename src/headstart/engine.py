@@ -405,16 +405,12 @@ class StageInputs:
             self.val, self.workers = data.val, cfg.data.workers
 
     def _choose_part(self, say: Callable[[str], None]) -> str | None:
+        from .cache import cacheable_part
+
         net, cfg = self.net, self.cfg
-        # With BatchNorm policy "train" a frozen body still changes its output from batch to
-        # batch (batch statistics), so its features cannot be stored.
-        if not cfg.cache.enabled or net.bn_policy == "train":
-            return None
-        if not any(p.requires_grad for p in net.body.parameters()):
-            return "body"
-        cut = net.frozen_prefix() if cfg.cache.prefix else 0
-        if cut == 0:
-            return None
+        part, cut = cacheable_part(net, cfg.cache)
+        if part != "prefix":
+            return part
         if cfg.train.mixup or cfg.train.cutmix:
             say("   frozen first part not cached: mixup/cutmix mix images, not feature maps")
             return None

@@ -83,13 +83,15 @@ def plan_text(net: Network, cfg: RunConfig) -> str:
 
 def cache_plan(net: Network, cfg: RunConfig) -> str:
     """What the stage, as frozen now, would read from the feature cache (see ``engine.StageInputs``)."""
+    from .cache import cacheable_part
+
+    part, cut = cacheable_part(net, cfg.cache)
+    if part == "body":
+        return "the whole body's features, computed once"
+    if part == "prefix" and net.chain is not None:
+        return f"the frozen first {cut} of {len(net.chain)} body steps (up to {net.chain[cut - 1].name}), computed once"
     if not cfg.cache.enabled:
         return "off"
     if net.bn_policy == "train":
         return "none (frozen BatchNorm uses batch statistics)"
-    if not any(p.requires_grad for p in net.body.parameters()):
-        return "the whole body's features, computed once"
-    cut = net.frozen_prefix() if cfg.cache.prefix else 0
-    if cut == 0 or net.chain is None:
-        return "none (images go through the whole network every epoch)"
-    return f"the frozen first {cut} of {len(net.chain)} body steps (up to {net.chain[cut - 1].name}), computed once"
+    return "none (images go through the whole network every epoch)"
