@@ -4,14 +4,14 @@ Both contenders train only a new final layer on a frozen EfficientNet-Lite0 (rea
 weights) at 128 px, on a class-balanced CIFAR-10 subset (5,000 train / 1,000 val JPEGs), for 10
 epochs, validating after every epoch:
 
-* ``headstart``: ``headstart.api.prepare`` + ``headstart.engine.fit`` with ``cache.enabled=True``
+* ``headstart``: ``headstart.jobs.core.prepare`` + ``headstart.training.engine.fit`` with ``cache.enabled=True``
   and a fresh, empty cache folder, so extracting the features is part of its time;
 * ``hand``: the seed's plain PyTorch loop: ImageFolder + DataLoader, the frozen body run forward
   every epoch (eval mode, ``torch.no_grad()``), the head trained.
 
 They share the initial head weights (copied from the same prepared network), the optimizer (AdamW,
 lr 1e-3, weight decay 0.01 on the weight, none on the bias, as headstart's parameter groups), the
-schedule (``headstart.optim.lr_factor``: 10% linear warmup then cosine, stepped per batch), the
+schedule (``headstart.training.optim.lr_factor``: 10% linear warmup then cosine, stepped per batch), the
 seed and the per-epoch sample order (headstart's ``RandomSampler`` seeded ``seed*100003+epoch``),
 batch 64 with ``drop_last``, and no augmentation (so the features are the same, and the final
 accuracies should agree to within rounding).
@@ -65,7 +65,7 @@ def headstart_cfg(args: Any, subset: Path, cache_dir: Path) -> Any:
 
 
 def run_headstart(net: Any, data: Any, cfg: Any) -> dict[str, Any]:
-    from headstart.engine import fit
+    from headstart.training.engine import fit
 
     cpu0, start = child_cpu(), time.perf_counter()
     result = fit(net, data, cfg, None, say=lambda m: common.log("  hs: " + m.strip()) if m.strip() else None)
@@ -95,7 +95,7 @@ def run_hand(body: Any, head: Any, subset: Path, pre: Any, args: Any) -> dict[st
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    from headstart.optim import lr_factor
+    from headstart.training.optim import lr_factor
 
     interp = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}[pre.interpolation]
     tf = v2.Compose([
@@ -170,8 +170,8 @@ def main() -> None:
     n_train, n_val = args.per_class or ((50, 20) if args.quick else (500, 100))
     subset = common.subset_for(args, BENCH, n_train, n_val)
 
-    from headstart.api import prepare
-    from headstart.data import _usable_cpus
+    from headstart.data.core import _usable_cpus
+    from headstart.jobs.core import prepare
 
     if args.hand_workers is None:
         args.hand_workers = max(0, min(4, _usable_cpus() - 1))  # headstart's default_workers for files

@@ -45,11 +45,11 @@ def main() -> None:
     common.setup_torch(args.threads)
     import torch
 
-    from headstart.backbones import build_network
     from headstart.config import DataConfig
-    from headstart.data import build_data, default_workers, make_loader
-    from headstart.engine import pick_device
-    from headstart.memory import enable_batch_transforms
+    from headstart.data.core import build_data, default_workers, make_loader
+    from headstart.data.memory import enable_batch_transforms
+    from headstart.models.backbones import build_network
+    from headstart.runtime.device import pick_device
 
     n_train, n_val = (50, 20) if args.quick else (500, 100)
     subset = common.subset_for(args, BENCH, n_train, n_val)

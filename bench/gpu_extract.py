@@ -54,8 +54,8 @@ def bench_model(name: str, args: Any, device: Any) -> dict[str, Any]:
 
     import torch
 
-    from headstart.backbones import build_network
-    from headstart.speed import resolve_precision
+    from headstart.models.backbones import build_network
+    from headstart.runtime.precision import resolve_precision
 
     net = build_network(name, "none", input_size=args.size)
     net.eval()

@@ -63,8 +63,8 @@ def baseline(subset: Path, args: Any) -> dict[str, Any]:
     from torch.utils.data import DataLoader
     from torchvision import datasets
 
-    from headstart.backbones import build_network
-    from headstart.data import _usable_cpus, build_transform
+    from headstart.data.core import _usable_cpus, build_transform
+    from headstart.models.backbones import build_network
 
     start = time.perf_counter()
     net = build_network(MODEL, WEIGHTS, input_size=args.size)
@@ -178,11 +178,12 @@ class _Take:
 
 def time_finetune_step(subset: Path, args: Any) -> dict[str, Any]:
     """Images/s of headstart's fine-tuning stage (default settings) over a few real batches."""
-    from headstart.api import prepare
     from headstart.config import RunConfig
-    from headstart.engine import _epoch_loader, _loss, pick_device, train_one_epoch
-    from headstart.optim import apply_stage, build_optimizer, build_scheduler, resolve_stages
-    from headstart.speed import resolve_precision
+    from headstart.jobs.core import prepare
+    from headstart.runtime.device import pick_device
+    from headstart.runtime.precision import resolve_precision
+    from headstart.training.engine import _epoch_loader, _loss, train_one_epoch
+    from headstart.training.optim import apply_stage, build_optimizer, build_scheduler, resolve_stages
 
     cfg = RunConfig()
     cfg.model.name, cfg.model.weights, cfg.model.input_size = MODEL, WEIGHTS, args.size

@@ -1,4 +1,4 @@
-"""Tests for headstart.checkpoint: safe, self-contained, atomically written checkpoints.
+"""Tests for headstart.models.checkpoint: safe, self-contained, atomically written checkpoints.
 
 A tiny random-weight resnet18 (32 px, 64 digits) is trained once per module; nothing is downloaded.
 """
@@ -10,12 +10,12 @@ import os
 import pytest
 import torch
 
-from headstart import checkpoint
-from headstart.api import prepare
 from headstart.config import HeadConfig, RunConfig, apply_overrides, from_dict, to_dict
-from headstart.engine import fit
 from headstart.errors import HeadstartError
-from headstart.runs import RunDir
+from headstart.jobs.core import prepare
+from headstart.models import checkpoint
+from headstart.training.engine import fit
+from headstart.training.runs import RunDir
 
 
 @pytest.fixture(scope="module")

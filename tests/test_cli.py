@@ -20,7 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
-from headstart.cli import build_parser, main, resolve_config
+from headstart.cli.main import build_parser, main, resolve_config
 from headstart.config import load_yaml
 from headstart.errors import HeadstartError
 

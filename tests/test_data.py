@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from headstart import data as hd
 from headstart.config import DataConfig
-from headstart.data import DataBundle, build_data, build_transform, list_images, load_image, make_loader
+from headstart.data import core as hd
+from headstart.data.core import DataBundle, build_data, build_transform, list_images, load_image, make_loader
 from headstart.errors import HeadstartError, OfflineError
-from headstart.preprocess import Preprocessing
+from headstart.models.preprocess import Preprocessing
 
 PRE = Preprocessing(crop=16, resize=18)  # tiny sizes keep every test fast
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "fox": (30, 30, 200)}

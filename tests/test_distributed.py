@@ -10,8 +10,8 @@ import sys
 
 from torch.utils.data import SequentialSampler
 
-from headstart.cli import main
-from headstart.distributed import ShardSampler, World
+from headstart.cli.main import main
+from headstart.runtime.distributed import ShardSampler, World
 
 ARGS = ["--model", "resnet18", "--weights", "none", "--input-size", "32", "--limit-train", "64", "--limit-val",
         "32", "--batch-size", "16", "--epochs", "2", "--finetune-epochs", "2", "--no-augment", "--no-progress",

@@ -1,4 +1,4 @@
-"""Tests for headstart.engine / optim / metrics: the training loop, schedules, parameter groups,
+"""Tests for headstart.training.engine / optim / metrics: the training loop, schedules, parameter groups,
 early stopping, determinism, frozen bodies and the classification report.
 
 Everything uses random-weight models at 32 px on 64 bundled digits; nothing is downloaded.
@@ -14,16 +14,17 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from headstart import checkpoint, engine
-from headstart.api import prepare
-from headstart.backbones import build_network
-from headstart.cli import main
+from headstart.cli.main import main
 from headstart.config import RunConfig, StageConfig, TrainConfig, apply_overrides
 from headstart.errors import HeadstartError
-from headstart.freeze import trainable_state
-from headstart.metrics import class_report, format_report, topk_correct
-from headstart.optim import apply_stage, build_optimizer, lr_factor, param_groups, resolve_stages
-from headstart.runs import RunDir
+from headstart.evaluation.metrics import class_report, format_report, topk_correct
+from headstart.jobs.core import prepare
+from headstart.models import checkpoint
+from headstart.models.backbones import build_network
+from headstart.models.freeze import trainable_state
+from headstart.training import engine
+from headstart.training.optim import apply_stage, build_optimizer, lr_factor, param_groups, resolve_stages
+from headstart.training.runs import RunDir
 
 RESNET18_GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4"]
 

@@ -1,4 +1,4 @@
-"""Tests for headstart.backbones / families / network: every torchvision classifier gets a body,
+"""Tests for headstart.models.backbones / families / network: every torchvision classifier gets a body,
 a replaceable head and ordered depth groups; heads, weights files and the timm path.
 
 Everything is built with random weights at tiny inputs, so nothing is downloaded.
@@ -16,11 +16,11 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import get_model_builder
 
-from headstart.backbones import build_network
 from headstart.config import HeadConfig
 from headstart.errors import HeadstartError
-from headstart.families import FAMILIES
-from headstart.freeze import count_params, freeze
+from headstart.models.backbones import build_network
+from headstart.models.families import FAMILIES
+from headstart.models.freeze import count_params, freeze
 
 ALL_MODELS = torchvision.models.list_models(module=torchvision.models)
 

@@ -1,4 +1,4 @@
-"""Tests for headstart.freeze: freeze specs, unfreezing, the BatchNorm policy in train mode,
+"""Tests for headstart.models.freeze: freeze specs, unfreezing, the BatchNorm policy in train mode,
 and the per-group reports. Small random-weight networks at 32-64 px keep it fast."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from headstart.backbones import build_network
 from headstart.config import HeadConfig
 from headstart.errors import HeadstartError
-from headstart.freeze import bn_mode, count_params, freeze, trainable_state, unfreeze_last
+from headstart.models.backbones import build_network
+from headstart.models.freeze import bn_mode, count_params, freeze, trainable_state, unfreeze_last
 
 RESNET_GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4"]
 # resnet18 with a 7-class fc: 11,689,512 - 513,000 (1000-class fc) + 3,591 (7-class fc).

@@ -9,15 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from headstart import cache as cache_mod
-from headstart.api import prepare
-from headstart.cli import build_parser
+from headstart.cli.main import build_parser
 from headstart.config import DataConfig, RunConfig, apply_overrides
-from headstart.data import FileDataset, build_data, build_transform, make_loader
-from headstart.engine import fit
+from headstart.data.core import FileDataset, build_data, build_transform, make_loader
+from headstart.data.memory import BatchTransform, MemoryDataset, enable_batch_transforms
 from headstart.errors import HeadstartError
-from headstart.memory import BatchTransform, MemoryDataset, enable_batch_transforms
-from headstart.preprocess import Preprocessing
+from headstart.jobs.core import prepare
+from headstart.models.preprocess import Preprocessing
+from headstart.training import cache as cache_mod
+from headstart.training.engine import fit
 
 PRE = Preprocessing(crop=24, resize=28)
 
@@ -63,7 +63,7 @@ def test_mixed_sizes_are_stored_at_the_resize_square_and_evaluate_the_same(tmp_p
 def test_images_stay_on_disk_when_they_do_not_fit(tmp_path):
     root = _folder(tmp_path / "imgs", [(20, 20)])
     said: list[str] = []
-    from headstart.memory import hold_in_memory
+    from headstart.data.memory import hold_in_memory
 
     bundle = build_data(DataConfig(source=str(root), in_memory=False), PRE)
     hold_in_memory(bundle, enabled=None, memory_gb=1e-6, pre=PRE, workers=0, say=said.append)
@@ -126,7 +126,7 @@ def test_loader_transforms_batches_on_the_device(tmp_path):
     again = next(iter(make_loader(data.train, batch_size=4, shuffle=False, workers=0, seed=3)))[0]
     assert torch.equal(x, again)
     # a loader resumed after its first batch draws the second batch's crops as before
-    from headstart.engine import _SkipSampler
+    from headstart.training.engine import _SkipSampler
 
     first_two = list(make_loader(data.train, batch_size=4, shuffle=False, workers=0, seed=3))[:2]
     skipping = make_loader(data.train, batch_size=4, shuffle=False, workers=0, seed=3,

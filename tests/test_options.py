@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from headstart import cache as cache_mod
-from headstart.api import prepare
-from headstart.cli import main
+from headstart.cli.main import main
 from headstart.config import RunConfig, apply_overrides
-from headstart.engine import fit
 from headstart.errors import HeadstartError
-from headstart.lr_find import lr_find, suggest
+from headstart.jobs.core import prepare
+from headstart.training import cache as cache_mod
+from headstart.training.engine import fit
+from headstart.training.lr_find import lr_find, suggest
 
 TINY = {"model.name": "resnet18", "model.weights": "none", "model.input_size": 32, "data.limit_train": 48,
         "data.limit_val": 24, "data.batch_size": 16, "train.progress": False, "train.epochs": 1}
@@ -119,7 +119,7 @@ def test_interrupted_extraction_is_never_read_as_complete(tmp_path, monkeypatch)
     monkeypatch.setattr(net, "features", real)
     feats = cache_mod.cached_features(net, data.train, **kwargs)
     assert entry.complete(0) and len(feats) == len(data.train)
-    from headstart.data import build_transform
+    from headstart.data.core import build_transform
 
     data.train.transform = build_transform(net.preprocessing, train=False, augment=False, kind=data.kind)
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_prefix_key_follows_the_frozen_part_only(tmp_path):
 
 
 def test_frozen_prefix_follows_freezing_and_bn_policy():
-    from headstart.freeze import freeze
+    from headstart.models.freeze import freeze
 
     net, _ = prepare(_cfg())
     freeze(net, "first:2")  # stem, layer1: conv1, bn1, relu, maxpool, layer1
@@ -290,7 +290,7 @@ def _image_folder(root: Path, counts=(12, 12, 12)) -> Path:
 
 
 def test_balanced_sampler_draws_classes_equally(tmp_path):
-    from headstart.engine import _epoch_loader
+    from headstart.training.engine import _epoch_loader
 
     folder = _image_folder(tmp_path / "imb", counts=(40, 8, 4))
     cfg = _cfg(**{"data.source": str(folder), "data.limit_train": None, "data.limit_val": None,
@@ -305,7 +305,7 @@ def test_balanced_sampler_draws_classes_equally(tmp_path):
 
 
 def test_class_weights_weight_the_loss_by_inverse_frequency(tmp_path):
-    from headstart.engine import _loss
+    from headstart.training.engine import _loss
 
     folder = _image_folder(tmp_path / "imb", counts=(30, 10, 5))
     cfg = _cfg(**{"data.source": str(folder), "data.limit_train": None, "data.limit_val": None,
@@ -329,16 +329,16 @@ def test_mixup_and_cutmix_train_on_images(tmp_path):
 
 
 def test_unknown_augment_policy_is_a_user_error():
-    from headstart.data import build_transform
-    from headstart.preprocess import Preprocessing
+    from headstart.data.core import build_transform
+    from headstart.models.preprocess import Preprocessing
 
     with pytest.raises(HeadstartError, match="randaugment"):
         build_transform(Preprocessing(crop=32, resize=36), train=True, augment=True, policy="autoaug")
 
 
 def test_randaugment_changes_train_images_only():
-    from headstart.data import build_transform
-    from headstart.preprocess import Preprocessing
+    from headstart.data.core import build_transform
+    from headstart.models.preprocess import Preprocessing
 
     pre = Preprocessing(crop=32, resize=36)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
@@ -357,8 +357,8 @@ def test_eval_with_tta_averages_a_flipped_view(tmp_path, capsys):
     args = ["train", "--model", "resnet18", "--weights", "none", "--input-size", "32", "--data", str(folder),
             "--epochs", "1", "--no-progress", "--no-report", "--output", str(tmp_path), "--name", "t"]
     assert main(args) == 0
-    from headstart.api import evaluate_checkpoint
-    from headstart.engine import predict_logits
+    from headstart.evaluation.inference import predict_logits
+    from headstart.jobs.core import evaluate_checkpoint
 
     plain = evaluate_checkpoint(tmp_path / "t", str(folder), split="all")
     tta = evaluate_checkpoint(tmp_path / "t", str(folder), split="all", tta=True)
@@ -375,7 +375,7 @@ def test_eval_with_tta_averages_a_flipped_view(tmp_path, capsys):
 
 
 def test_bf16_autocast_runs_on_cpu_and_fp16_is_refused():
-    from headstart.speed import resolve_precision
+    from headstart.runtime.precision import resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu).dtype is None

@@ -1,4 +1,4 @@
-"""Tests for headstart.interpret and headstart.report on real tiny runs (digits and an image folder)."""
+"""Tests for headstart.evaluation.interpret and headstart.report on real tiny runs (digits and an image folder)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from headstart.cli import main
-from headstart.interpret import Interpretation, interpret
-from headstart.metrics import class_report
-from headstart.report import (
+from headstart.cli.main import main
+from headstart.evaluation.interpret import Interpretation, interpret
+from headstart.evaluation.metrics import class_report
+from headstart.report.core import (
     SECTIONS,
     confusion_figure,
     examples_figure,

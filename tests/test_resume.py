@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from headstart import api, engine
-from headstart.api import prepare
-from headstart.cli import main
+from headstart.cli.main import main
 from headstart.config import RunConfig, apply_overrides
-from headstart.runs import RunDir
-from headstart.speed import Precision
+from headstart.jobs import core as api
+from headstart.jobs.core import prepare
+from headstart.runtime.precision import Precision
+from headstart.training import engine
+from headstart.training.runs import RunDir
 
 ARGS = [
     "--model", "resnet18", "--weights", "none", "--input-size", "32", "--data", "digits",

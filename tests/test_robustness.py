@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from headstart import checkpoint
-from headstart.api import prepare
-from headstart.backbones import build_network
-from headstart.cli import main
+from headstart.cli.main import main
 from headstart.config import RunConfig, apply_overrides
-from headstart.engine import fit
+from headstart.jobs.core import prepare
+from headstart.models import checkpoint
+from headstart.models.backbones import build_network
+from headstart.training.engine import fit
 
 BASE = ["--model", "resnet18", "--weights", "none", "--input-size", "32", "--batch-size", "16", "--no-progress",
         "--no-report", "--no-tensorboard"]

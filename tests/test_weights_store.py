@@ -1,4 +1,4 @@
-"""Tests for headstart.weights_store: hash-checked import, packaged weights, Lite0 conversion."""
+"""Tests for headstart.models.weights: hash-checked import, packaged weights, Lite0 conversion."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 import torchvision
 from torchvision import transforms as T
 
-from headstart import weights_store as ws
 from headstart.errors import HeadstartError, OfflineError
-from headstart.preprocess import Preprocessing
+from headstart.models import weights as ws
+from headstart.models.preprocess import Preprocessing
 
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_V1 = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1

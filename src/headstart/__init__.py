@@ -1,39 +1,93 @@
 """headstart: transfer learning of image classifiers on PyTorch.
 
-The Python API mirrors the CLI; see README.md for the seed's workflow step by step.
+The Python API mirrors the CLI; see README.md for the seed's workflow step by step and
+ARCHITECTURE.md for where each concern lives.
+
+Importing ``headstart`` is light: every public name below is imported on first use (PEP 562
+``__getattr__``), so ``headstart --help`` answers without loading torch.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .api import evaluate_checkpoint, predict, prepare, train
-from .backbones import build_network, list_backbones
-from .checkpoint import load_network
-from .config import (
-    CacheConfig,
-    DataConfig,
-    HeadConfig,
-    ModelConfig,
-    RunConfig,
-    StageConfig,
-    TrainConfig,
-    apply_overrides,
-    load_yaml,
-)
-from .data import build_data
-from .engine import evaluate, fit
-from .errors import HeadstartError, OfflineError
-from .freeze import count_params, freeze, trainable_state, unfreeze_last
-from .inspect import group_table, inspect_model
-from .interpret import Interpretation, interpret
-from .lr_find import lr_find
-from .network import Network
-from .report import write_report
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "Interpretation", "interpret", "lr_find", "write_report",
-    "CacheConfig", "DataConfig", "HeadConfig", "HeadstartError", "ModelConfig", "Network", "OfflineError",
-    "RunConfig", "StageConfig", "TrainConfig", "apply_overrides", "build_data", "build_network",
-    "count_params", "evaluate", "evaluate_checkpoint", "fit", "freeze", "group_table", "inspect_model",
-    "list_backbones", "load_network", "load_yaml", "predict", "prepare", "train", "trainable_state",
-    "unfreeze_last",
-]
+from headstart.version import __version__
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "HeadstartError": "headstart.errors",
+    "OfflineError": "headstart.errors",
+    "CacheConfig": "headstart.config",
+    "DataConfig": "headstart.config",
+    "HeadConfig": "headstart.config",
+    "ModelConfig": "headstart.config",
+    "RunConfig": "headstart.config",
+    "StageConfig": "headstart.config",
+    "TrainConfig": "headstart.config",
+    "apply_overrides": "headstart.config",
+    "load_yaml": "headstart.config",
+    "Network": "headstart.models.network",
+    "build_network": "headstart.models.backbones",
+    "list_backbones": "headstart.models.backbones",
+    "load_network": "headstart.models.checkpoint",
+    "count_params": "headstart.models.freeze",
+    "freeze": "headstart.models.freeze",
+    "trainable_state": "headstart.models.freeze",
+    "unfreeze_last": "headstart.models.freeze",
+    "build_data": "headstart.data.core",
+    "evaluate": "headstart.evaluation.inference",
+    "Interpretation": "headstart.evaluation.interpret",
+    "interpret": "headstart.evaluation.interpret",
+    "fit": "headstart.training.engine",
+    "lr_find": "headstart.training.lr_find",
+    "write_report": "headstart.report.core",
+    "group_table": "headstart.jobs.describe",
+    "inspect_model": "headstart.jobs.describe",
+    "evaluate_checkpoint": "headstart.jobs.core",
+    "predict": "headstart.jobs.core",
+    "prepare": "headstart.jobs.core",
+    "train": "headstart.jobs.core",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]  # noqa: PLE0604, PLE0605 - built from the table above
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'headstart' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from headstart.config import (  # noqa: F401
+        CacheConfig,
+        DataConfig,
+        HeadConfig,
+        ModelConfig,
+        RunConfig,
+        StageConfig,
+        TrainConfig,
+        apply_overrides,
+        load_yaml,
+    )
+    from headstart.data.core import build_data  # noqa: F401
+    from headstart.errors import HeadstartError, OfflineError  # noqa: F401
+    from headstart.evaluation.inference import evaluate  # noqa: F401
+    from headstart.evaluation.interpret import Interpretation, interpret  # noqa: F401
+    from headstart.jobs.core import evaluate_checkpoint, predict, prepare, train  # noqa: F401
+    from headstart.jobs.describe import group_table, inspect_model  # noqa: F401
+    from headstart.models.backbones import build_network, list_backbones  # noqa: F401
+    from headstart.models.checkpoint import load_network  # noqa: F401
+    from headstart.models.freeze import count_params, freeze, trainable_state, unfreeze_last  # noqa: F401
+    from headstart.models.network import Network  # noqa: F401
+    from headstart.report.core import write_report  # noqa: F401
+    from headstart.training.engine import fit  # noqa: F401
+    from headstart.training.lr_find import lr_find  # noqa: F401

@@ -1,6 +1,6 @@
 """``python -m headstart`` runs the CLI."""
 
-from .cli import entrypoint
+from headstart.cli.main import entrypoint
 
 if __name__ == "__main__":
     entrypoint()

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .errors import HeadstartError
+from headstart.errors import HeadstartError
 
 
 @dataclass
@@ -174,7 +174,7 @@ class TrainConfig:
 
 @dataclass
 class CacheConfig:
-    """Cached features of a frozen body (see :mod:`headstart.cache`)."""
+    """Cached features of a frozen body (see :mod:`headstart.training.cache`)."""
 
     # Compute a fully frozen body's features once and train the head from them.
     enabled: bool = True

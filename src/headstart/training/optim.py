@@ -7,7 +7,7 @@ anew from the stage, so a group unfrozen later always gets the rate the schedule
 
 Example::
 
-    >>> from headstart.backbones import build_network
+    >>> from headstart.models.backbones import build_network
     >>> from headstart.config import StageConfig
     >>> net = build_network("resnet18", weights="none", num_classes=3)
     >>> stage = StageConfig(name="ft", epochs=1, freeze="none", lr=1e-3, layer_decay=0.5)
@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import StageConfig, TrainConfig
-from .errors import HeadstartError
-from .freeze import freeze, unfreeze_last
-from .network import Network
+from headstart.config import StageConfig, TrainConfig
+from headstart.errors import HeadstartError
+from headstart.models.freeze import freeze, unfreeze_last
+from headstart.models.network import Network
 
 SCHEDULERS = ("cosine", "onecycle", "constant")
 

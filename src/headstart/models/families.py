@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .network import Group, Step
+from headstart.models.network import Group, Step
 
 
 @dataclass(frozen=True)

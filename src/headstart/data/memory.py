@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import HeadstartError
-from .preprocess import Preprocessing
+from headstart.errors import HeadstartError
+from headstart.models.preprocess import Preprocessing
 
 log = logging.getLogger("headstart.data")
 
@@ -125,7 +125,7 @@ class _Decode(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         from torchvision.transforms import v2
 
-        from .data import _INTERPOLATIONS, load_image
+        from headstart.data.core import _INTERPOLATIONS, load_image
 
         img = v2.functional.pil_to_tensor(load_image(self.paths[i]))
         if self.shape is None:
@@ -140,7 +140,7 @@ class _Decode(Dataset):
 def decode_files(paths: Sequence[str], shape: tuple[int, int] | None, pre: Preprocessing, *,
                  workers: int, progress: bool, desc: str) -> torch.Tensor:
     """Decode ``paths`` into one uint8 tensor, ``workers`` processes in parallel."""
-    from .progress import Progress
+    from headstart.progress import Progress
 
     h, w = shape or (pre.resize, pre.resize)
     out = torch.empty((len(paths), 3, h, w), dtype=torch.uint8)
@@ -173,7 +173,7 @@ def hold_in_memory(bundle: Any, *, enabled: bool | None, memory_gb: float, pre: 
     ``enabled=None`` decides by size (all splits together under ``memory_gb``), True insists
     (an error names the size when it does not fit), False keeps reading files.
     """
-    from .data import FileDataset
+    from headstart.data.core import FileDataset
 
     splits = {n: getattr(bundle, n) for n in ("train", "val") if isinstance(getattr(bundle, n), FileDataset)}
     if enabled is False or not splits:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
-from .errors import HeadstartError
+from headstart.errors import HeadstartError
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ from typing import Any, BinaryIO
 import torch
 import torchvision
 
-from .errors import HeadstartError, OfflineError
-from .files import write_atomically
-from .preprocess import Preprocessing
+from headstart.errors import HeadstartError, OfflineError
+from headstart.files import write_atomically
+from headstart.models.preprocess import Preprocessing
 
 # torchvision names files ``<name>-<first 8 or 10 hex digits of the sha256>.pth``.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{6,64})\.pth$")

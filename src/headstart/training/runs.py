@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, save_yaml
+from headstart.config import RunConfig, save_yaml
 
 log = logging.getLogger(__name__)
 CSV_FIELDS = ["global_epoch", "stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",

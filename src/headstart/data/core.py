@@ -15,7 +15,7 @@ so callers can count classes, build samplers, show thumbnails or swap transforms
 Example::
 
     >>> from headstart.config import DataConfig
-    >>> from headstart.preprocess import Preprocessing
+    >>> from headstart.models.preprocess import Preprocessing
     >>> bundle = build_data(DataConfig(source="digits"), Preprocessing(crop=32, resize=36))
     >>> len(bundle.classes), len(bundle.train) + len(bundle.val)
     (10, 1797)
@@ -39,9 +39,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .config import DataConfig
-from .errors import HeadstartError, OfflineError
-from .preprocess import Preprocessing
+from headstart.config import DataConfig
+from headstart.errors import HeadstartError, OfflineError
+from headstart.models.preprocess import Preprocessing
 
 log = logging.getLogger("headstart.data")
 
@@ -378,7 +378,7 @@ def build_transform(
 
 class ImageTransform(v2.Compose):
     """A :func:`build_transform` pipeline that remembers how it was built (``spec``), so that
-    in-memory images can be given its batched twin (:class:`headstart.memory.BatchTransform`)."""
+    in-memory images can be given its batched twin (:class:`headstart.data.memory.BatchTransform`)."""
 
     def __init__(self, transforms: Sequence[Callable], spec: dict[str, Any]) -> None:
         super().__init__(transforms)
@@ -465,7 +465,7 @@ def build_data(cfg: DataConfig, pre: Preprocessing, *, seed: int = 0, progress: 
 
     ``pre`` gives the input size and normalisation; ``seed`` fixes the validation split and the
     ``limit_train``/``limit_val`` subsets. Image folders are decoded once into memory when they
-    fit (``data.in_memory``, :mod:`headstart.memory`); ``progress`` shows and reports that.
+    fit (``data.in_memory``, :mod:`headstart.data.memory`); ``progress`` shows and reports that.
     Raises :class:`HeadstartError` for unknown sources,
     bad folders or settings, and :class:`OfflineError` when a download is needed but fails.
     """
@@ -488,7 +488,7 @@ def build_data(cfg: DataConfig, pre: Preprocessing, *, seed: int = 0, progress: 
             f"{source} leaves no images for validation (each class needs at least 2 images for a split); "
             "add images, raise data.val_split, or give train/ and val/ folders"
         )
-    from .memory import hold_in_memory
+    from headstart.data.memory import hold_in_memory
 
     return hold_in_memory(bundle, enabled=cfg.in_memory, memory_gb=cfg.memory_gb, pre=pre,
                           workers=default_workers(bundle.train) if cfg.workers is None else cfg.workers,
@@ -687,7 +687,7 @@ def default_workers(dataset: Dataset) -> int:
     save. Files and decoded images still resized per item get up to 4, leaving one core for the
     main process (0 on a single-core machine).
     """
-    from .memory import batched_transform
+    from headstart.data.memory import batched_transform
 
     inner = getattr(dataset, "dataset", dataset)  # look through torch Subset
     if getattr(inner, "in_memory", False) or batched_transform(inner) is not None:
@@ -726,7 +726,7 @@ def make_loader(
         raise HeadstartError(f"data.workers must be 0 or more (or none for automatic), got {workers}")
     generator = torch.Generator()
     generator.manual_seed(seed)
-    from .memory import DeviceBatches, batched_transform
+    from headstart.data.memory import DeviceBatches, batched_transform
 
     batched = batched_transform(getattr(dataset, "dataset", dataset))
     loader = DataLoader(

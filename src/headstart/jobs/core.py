@@ -23,16 +23,19 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
-from .backbones import build_network
-from .config import DataConfig, RunConfig, apply_overrides, from_dict, to_dict
-from .data import build_data, build_transform, folder_dataset, list_images, load_image, make_loader
-from .engine import FitResult, evaluate, fit, pick_device, seed_everything
-from .errors import HeadstartError
-from .freeze import count_params
-from .metrics import ClassReport
-from .network import Network
-from .runs import RunDir
+from headstart.config import DataConfig, RunConfig, apply_overrides, from_dict, to_dict
+from headstart.data.core import build_data, build_transform, folder_dataset, list_images, load_image, make_loader
+from headstart.errors import HeadstartError
+from headstart.evaluation.evalset import remap_targets
+from headstart.evaluation.inference import evaluate
+from headstart.evaluation.metrics import ClassReport
+from headstart.models import checkpoint
+from headstart.models.backbones import build_network
+from headstart.models.freeze import count_params
+from headstart.models.network import Network
+from headstart.runtime.device import pick_device, seed_everything
+from headstart.training.engine import FitResult, fit
+from headstart.training.runs import RunDir
 
 # The digits are 8x8 pixels: 64 px keeps every pretrained stage's receptive field meaningful at a
 # twelfth of 224 px's compute.
@@ -53,8 +56,8 @@ def prepare(cfg: RunConfig) -> tuple[Network, Any]:
 
 def _training_data(cfg: RunConfig, net: Network) -> Any:
     """The run's data; in-memory photos are transformed per batch on the GPU when that is on."""
-    from .distributed import local_device
-    from .memory import enable_batch_transforms
+    from headstart.data.memory import enable_batch_transforms
+    from headstart.runtime.distributed import local_device
 
     data = build_data(cfg.data, net.preprocessing, seed=cfg.train.seed, progress=cfg.train.progress)
     device = pick_device(local_device(cfg.train.device))
@@ -73,7 +76,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     ``resume`` is a run folder whose ``last.pt`` the job continues from; the run's saved config
     is used (``cfg`` is ignored) with ``overrides`` applied, e.g. ``{"train.device": "cpu"}``.
     """
-    from .distributed import init_from_env
+    from headstart.runtime.distributed import init_from_env
 
     started = time.perf_counter()
     state = None
@@ -132,7 +135,7 @@ def _tensorboard_final(run: RunDir, cfg: RunConfig, result: FitResult) -> None:
     """Hyper-parameters with the final metrics, and the confusion matrix as an image."""
     png = None
     if result.final is not None and run._tb is not None:
-        from .report import confusion_heatmap_png
+        from headstart.report.core import confusion_heatmap_png
 
         png = confusion_heatmap_png(result.final)
     hparams = {"model": cfg.model.name, "weights": cfg.model.weights, "head": cfg.head.kind,
@@ -145,7 +148,7 @@ def _tensorboard_final(run: RunDir, cfg: RunConfig, result: FitResult) -> None:
 
 
 def _write_report(run: RunDir, say: Callable[[str], None]) -> None:
-    from .report import write_report
+    from headstart.report.core import write_report
 
     try:
         say(f"report: {write_report(run.path)}")
@@ -155,7 +158,7 @@ def _write_report(run: RunDir, say: Callable[[str], None]) -> None:
 
 def describe_job(net: Network, data: Any, cfg: RunConfig) -> str:
     """The seed's first steps, as text: the model loaded, its body and head, the new classifier."""
-    from .inspect import group_table
+    from headstart.jobs.describe import group_table
 
     total, _ = count_params(net)
     pre = net.preprocessing
@@ -235,20 +238,6 @@ def evaluate_checkpoint(
 
 def _has_split_folders(folder: Path) -> bool:
     return (folder / "train").is_dir()
-
-
-def remap_targets(dataset: Any, model_classes: Sequence[str]) -> None:
-    """Re-index a dataset's labels to the model's class order; its classes must be the model's."""
-    unknown = [c for c in dataset.classes if c not in model_classes]
-    if unknown:
-        raise HeadstartError(
-            f"the data has class(es) {unknown[:10]} that the checkpoint does not know; the checkpoint's "
-            f"classes are {list(model_classes)[:20]}"
-        )
-    index = {c: i for i, c in enumerate(model_classes)}
-    mapping = [index[c] for c in dataset.classes]
-    dataset.targets = [mapping[t] for t in dataset.targets]
-    dataset.classes = list(model_classes)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ body's ordered depth groups (stem, stages, ...) used for freezing and learning r
 
 Example::
 
-    >>> from headstart.backbones import build_network
+    >>> from headstart.models.backbones import build_network
     >>> net = build_network("resnet18", weights="none", num_classes=7)
     >>> [g.name for g in net.groups]
     ['stem', 'layer1', 'layer2', 'layer3', 'layer4']
@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .config import HeadConfig
-from .errors import HeadstartError
-from .preprocess import Preprocessing
+from headstart.config import HeadConfig
+from headstart.errors import HeadstartError
+from headstart.models.preprocess import Preprocessing
 
+BN_POLICIES = ("frozen", "train", "eval-all")  # see apply_train_mode
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
 
 
@@ -127,8 +129,6 @@ class Network(nn.Module):
     def train(self, mode: bool = True) -> "Network":
         super().train(mode)
         if mode:
-            from .freeze import apply_train_mode  # late import: freeze builds on this module
-
             apply_train_mode(self)
         return self
 
@@ -234,6 +234,29 @@ class Network(nn.Module):
             _set_module(self.body, path, _new_final(old, num_classes).to(device))
         self.head_config, self.num_classes = copy.deepcopy(cfg), num_classes
         return self
+
+
+def apply_train_mode(net: Network) -> None:
+    """Put frozen parts in eval mode according to ``net.bn_policy`` (called by ``net.train()``).
+
+    ``frozen`` (default): frozen groups and BatchNorm layers without trainable parameters keep
+    their running statistics; ``eval-all``: every BatchNorm layer does; ``train``: nothing is held."""
+    policy = net.bn_policy
+    if policy not in BN_POLICIES:
+        raise HeadstartError(f"unknown BatchNorm policy {policy!r}; choose from {', '.join(BN_POLICIES)}")
+    if policy == "train":
+        return
+    if not any(p.requires_grad for p in net.body.parameters()):
+        net.body.eval()  # the whole body is a fixed function
+    else:
+        for g in net.groups:
+            mods = net.group_modules(g)
+            if mods and not any(p.requires_grad for m in mods for p in m.parameters()):
+                for m in mods:
+                    m.eval()
+    for m in net.modules():
+        if isinstance(m, _BatchNorm) and (policy == "eval-all" or not any(p.requires_grad for p in m.parameters())):
+            m.eval()
 
 
 def build_mlp_head(in_features: int, num_classes: int, cfg: HeadConfig, layout: str) -> nn.Sequential:

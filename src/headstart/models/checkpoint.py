@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from .backbones import arch_options
-from .config import HeadConfig, from_dict
-from .errors import HeadstartError
-from .files import write_atomically
-from .network import Network
-from .preprocess import Preprocessing
+from headstart.config import HeadConfig, from_dict
+from headstart.errors import HeadstartError
+from headstart.files import write_atomically
+from headstart.models.backbones import arch_options
+from headstart.models.network import Network
+from headstart.models.preprocess import Preprocessing
 
 FORMAT = "headstart-checkpoint/1"
 
@@ -71,7 +71,7 @@ def read(path: str | Path) -> dict[str, Any]:
 
 def load_network(path_or_ckpt: str | Path | dict[str, Any]) -> tuple[Network, dict[str, Any]]:
     """Rebuild the trained network from a checkpoint alone (no download, no other file)."""
-    from .backbones import build_network
+    from headstart.models.backbones import build_network
 
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else read(path_or_ckpt)
     pre = Preprocessing.from_dict(ckpt["preprocessing"])

@@ -1,6 +1,6 @@
 """Training and evaluation: ``train_one_epoch``, ``evaluate``, ``fit``.
 
-``fit`` runs the stages of the schedule (see :mod:`headstart.optim`) one after another. Each
+``fit`` runs the stages of the schedule (see :mod:`headstart.training.optim`) one after another. Each
 epoch is seeded from the run's seed and its index, so a run on the CPU repeats exactly and a run
 resumed from its last checkpoint continues exactly as if it had never stopped.
 
@@ -31,10 +31,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler, get_worker_info
 
-from . import checkpoint
-from .config import RunConfig, StageConfig, to_dict
-from .data import DataBundle, make_loader
-from .distributed import (
+from headstart.config import RunConfig, StageConfig, to_dict
+from headstart.data.core import DataBundle, make_loader
+from headstart.errors import HeadstartError
+from headstart.evaluation.inference import evaluate
+from headstart.evaluation.metrics import ClassReport
+from headstart.models import checkpoint
+from headstart.models.freeze import count_params, trainable_state
+from headstart.models.network import Network
+from headstart.progress import Progress
+from headstart.runtime.device import pick_device, seed_everything, set_cpu_speed_flags
+from headstart.runtime.distributed import (
     ShardSampler,
     all_sum,
     barrier,
@@ -44,15 +51,10 @@ from .distributed import (
     per_rank_batch,
     rank0_decides,
 )
-from .distributed import world as current_world
-from .errors import HeadstartError
-from .freeze import count_params, trainable_state
-from .metrics import ClassReport, class_report
-from .network import Network
-from .optim import apply_stage, build_optimizer, build_scheduler, resolve_stages
-from .progress import Progress
-from .runs import RunDir
-from .speed import Precision, resolve_precision
+from headstart.runtime.distributed import world as current_world
+from headstart.runtime.precision import Precision, resolve_precision
+from headstart.training.optim import apply_stage, build_optimizer, build_scheduler, resolve_stages
+from headstart.training.runs import RunDir
 
 log = logging.getLogger(__name__)
 AUX_WEIGHT = 0.4  # Inception's own recipe for its auxiliary classifiers
@@ -92,33 +94,6 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     run_dir: Path | None = None
     seconds: float = 0.0
-
-
-def pick_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise HeadstartError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (device.index or 0) >= count:
-            raise HeadstartError(f"device {spec} is not available here ({count} CUDA device(s)); use auto or cpu")
-    return device
-
-
-def set_cpu_speed_flags() -> None:
-    # Tiny activations (a randomly initialised deep net whose BatchNorm keeps its initial
-    # statistics, for one) underflow into denormal floats, which x86 CPUs handle ~100x slower;
-    # flushing them to zero changes no result that matters and keeps epochs from crawling.
-    torch.set_flush_denormal(True)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def train_one_epoch(
@@ -202,30 +177,6 @@ def _backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, precision: Pr
         on_step(opt)
     scaler.step(opt)
     scaler.update()
-
-
-@torch.no_grad()
-def predict_logits(net: nn.Module, loader: DataLoader, device: torch.device, progress: bool = False,
-                   tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, targets) for every batch of ``loader``, in eval mode; ``tta`` adds a mirrored view."""
-    net.eval()
-    outs, targets = [], []
-    bar = Progress(loader, len(loader), "eval", enabled=progress)
-    for x, y in bar:
-        x = x.to(device, non_blocking=True)
-        logits = net(x).float()
-        if tta:
-            logits = (logits.softmax(1) + net(torch.flip(x, dims=[3])).float().softmax(1)).div(2).log()
-        outs.append(logits.cpu())
-        targets.append(y)
-        bar.update(y.shape[0])
-    return torch.cat(outs), torch.cat(targets)
-
-
-def evaluate(net: nn.Module, loader: DataLoader, classes: list[str], device: torch.device,
-             progress: bool = False, tta: bool = False) -> ClassReport:
-    logits, targets = predict_logits(net, loader, device, progress, tta)
-    return class_report(logits, targets, classes)
 
 
 # ---------------------------------------------------------------------- fit
@@ -388,7 +339,7 @@ class StageInputs:
         self.setup_seconds = 0.0  # feature extraction, counted in the stage's time
         self.data_fps: dict[int, str] = {}
         if self.cached:
-            from .cache import body_fingerprint, cache_root
+            from headstart.training.cache import body_fingerprint, cache_root
 
             self.body_fp = body_fingerprint(net) if self.part == "body" else net.prefix_fingerprint(self.cut)
             self.root = cache_root(cfg.cache.dir)
@@ -405,7 +356,7 @@ class StageInputs:
             self.val, self.workers = data.val, cfg.data.workers
 
     def _choose_part(self, say: Callable[[str], None]) -> str | None:
-        from .cache import cacheable_part
+        from headstart.training.cache import cacheable_part
 
         net, cfg = self.net, self.cfg
         part, cut = cacheable_part(net, cfg.cache)
@@ -445,7 +396,7 @@ class StageInputs:
         return out
 
     def _extract(self, ds: Any, view: int, split: str) -> Any:
-        from .cache import cached_features, dataset_fingerprint
+        from headstart.training.cache import cached_features, dataset_fingerprint
 
         if id(ds) not in self.data_fps:  # once per dataset and stage, not once per view
             self.data_fps[id(ds)] = dataset_fingerprint(ds)
@@ -611,7 +562,7 @@ def _auto_lr(net: Network, data: DataBundle, cfg: RunConfig, stage: StageConfig,
 
     Resuming mid-stage reuses the rate chosen when the stage began (recorded in the history).
     """
-    from .lr_find import lr_find
+    from headstart.training.lr_find import lr_find
 
     if state["optimizer"] is not None:
         partial = state.get("partial") or {}

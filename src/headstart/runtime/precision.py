@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import HeadstartError
+from headstart.errors import HeadstartError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import RunConfig, StageConfig
-from .errors import HeadstartError
-from .network import Network
+from headstart.config import RunConfig, StageConfig
+from headstart.errors import HeadstartError
+from headstart.models.network import Network
 
 
 @dataclass
@@ -66,8 +66,9 @@ def lr_find(
     say: Callable[[str], None] = print,
 ) -> LRFindResult:
     """Run the range test for ``stage`` (default: the first stage of ``cfg``'s schedule)."""
-    from .engine import StageInputs, _epoch_loader, pick_device, seed_everything
-    from .optim import apply_stage, build_optimizer, resolve_stages
+    from headstart.runtime.device import pick_device, seed_everything
+    from headstart.training.engine import StageInputs, _epoch_loader
+    from headstart.training.optim import apply_stage, build_optimizer, resolve_stages
 
     device = pick_device(cfg.train.device)
     net.to(device)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from .backbones import build_network
-from .config import RunConfig
-from .freeze import bn_mode, count_params, freeze, trainable_state
-from .network import Network
-from .optim import apply_stage, group_lrs, resolve_stages
+from headstart.config import RunConfig
+from headstart.models.backbones import build_network
+from headstart.models.freeze import bn_mode, count_params, freeze, trainable_state
+from headstart.models.network import Network
+from headstart.training.optim import apply_stage, group_lrs, resolve_stages
 
 
 def inspect_model(cfg: RunConfig, num_classes: int | None = None) -> str:
@@ -83,7 +83,7 @@ def plan_text(net: Network, cfg: RunConfig) -> str:
 
 def cache_plan(net: Network, cfg: RunConfig) -> str:
     """What the stage, as frozen now, would read from the feature cache (see ``engine.StageInputs``)."""
-    from .cache import cacheable_part
+    from headstart.training.cache import cacheable_part
 
     part, cut = cacheable_part(net, cfg.cache)
     if part == "body":

@@ -16,8 +16,8 @@ no JavaScript. Sections:
 * the data: images per class in each split;
 * the learning-rate finder's plot when the run folder has ``lr_find.png``.
 
-The predictions come from :func:`headstart.interpret.interpret` (the run's best checkpoint on
-its own validation images) unless an :class:`~headstart.interpret.Interpretation` is passed in.
+The predictions come from :func:`headstart.evaluation.interpret.interpret` (the run's best checkpoint on
+its own validation images) unless an :class:`~headstart.evaluation.interpret.Interpretation` is passed in.
 The figure functions (``learning_curves_figure``, ``confusion_figure``, ``examples_figure``)
 return matplotlib figures, which notebooks display as they are.
 """
@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import HeadstartError
+from headstart.errors import HeadstartError
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from .interpret import Interpretation, Prediction
+    from headstart.evaluation.interpret import Interpretation, Prediction
 
 REPORT_DIR = "report"
 REPORT_FILE = "report.html"
@@ -118,7 +118,7 @@ def write_report(run_dir: str | Path, *, data_source: str | None = None,
 
 def read_run(run_dir: str | Path) -> RunRecord:
     """Config, summary, per-epoch history and best checkpoint of a run folder."""
-    from .config import load_yaml
+    from headstart.config import load_yaml
 
     path = Path(run_dir).expanduser()
     if not path.is_dir():
@@ -136,7 +136,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
             run.summary = json.loads((path / "summary.json").read_text())
         except json.JSONDecodeError:
             run.summary = {}
-    from .runs import RunDir
+    from headstart.training.runs import RunDir
 
     run.history = RunDir(path).history() if (path / "metrics.jsonl").is_file() else []
     run.checkpoint = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), None)
@@ -146,7 +146,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
 def _try_interpret(run: RunRecord, data_source: str | None) -> tuple[Any, str]:
     if run.checkpoint is None:
         return None, "the run folder has no checkpoint (best.pt or last.pt) yet"
-    from .interpret import interpret
+    from headstart.evaluation.interpret import interpret
 
     try:
         return interpret(run.checkpoint, data_source=data_source), ""
@@ -648,8 +648,8 @@ class StagePlan:
 
 def stage_plans(cfg: Any, net: Any) -> list[StagePlan]:
     """Freeze state and trainable parameters of each stage of ``cfg.train`` on ``net``."""
-    from .freeze import count_params, trainable_state
-    from .optim import apply_stage, resolve_stages
+    from headstart.models.freeze import count_params, trainable_state
+    from headstart.training.optim import apply_stage, resolve_stages
 
     plans = []
     for st in resolve_stages(cfg.train, net):
@@ -663,9 +663,9 @@ def stage_plans(cfg: Any, net: Any) -> list[StagePlan]:
 def _trained_section(run: RunRecord) -> str:
     if run.checkpoint is None:
         return _section("trained", _config_block(run), "No checkpoint yet: the model cannot be described.")
-    from . import checkpoint
-    from .config import RunConfig, from_dict
-    from .freeze import count_params
+    from headstart.config import RunConfig, from_dict
+    from headstart.models import checkpoint
+    from headstart.models.freeze import count_params
 
     try:
         net, ckpt = checkpoint.load_network(run.checkpoint)
@@ -733,7 +733,7 @@ def _config_block(run: RunRecord) -> str:
     if not text and run.cfg is not None:
         import yaml
 
-        from .config import to_dict
+        from headstart.config import to_dict
 
         text = yaml.safe_dump(to_dict(run.cfg), sort_keys=False)
     return f"<h3>Resolved config</h3><pre>{_e(text or 'config.yaml is missing')}</pre>"
@@ -826,7 +826,7 @@ __all__ = [
 
 
 def confusion_heatmap_png(report: Any) -> bytes:
-    """The row-normalised confusion matrix of a :class:`~headstart.metrics.ClassReport` as PNG bytes
+    """The row-normalised confusion matrix of a :class:`~headstart.evaluation.metrics.ClassReport` as PNG bytes
     (for TensorBoard, where the full report's interpretation is not at hand)."""
     cm = report.confusion.double()
     norm = (cm / cm.sum(1, keepdim=True).clamp(min=1)).numpy() * 100

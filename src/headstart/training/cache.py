@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import build_transform, make_loader
-from .network import Network
-from .progress import Progress
+from headstart.data.core import build_transform, make_loader
+from headstart.models.network import Network
+from headstart.progress import Progress
 
 log = logging.getLogger(__name__)
 DEFAULT_DIR = "~/.cache/headstart/features"
@@ -149,7 +149,7 @@ def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_
         "transform": repr(view_transform(net, kind, view, policy)),
         "seed": augment_seed if view > 0 else None,
         "precision": str(precision_dtype),
-        # In-memory photos transformed per batch on the device (headstart.memory) differ from the
+        # In-memory photos transformed per batch on the device (headstart.data.memory) differ from the
         # per-image transform in the last bits: their features are kept apart.
         "batched": getattr(ds, "batch_device", None) is not None and kind == "photo"
         and (view == 0 or policy == "none"),

@@ -14,7 +14,7 @@ that should be fixed (which is also what makes cached features exact).
 
 Example::
 
-    >>> from headstart.backbones import build_network
+    >>> from headstart.models.backbones import build_network
     >>> net = build_network("resnet18", weights="none", num_classes=3)
     >>> freeze(net, "first:2")
     >>> [g for g, state in trainable_state(net).items() if state == "frozen"]
@@ -28,10 +28,8 @@ import fnmatch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import HeadstartError
-from .network import Network
-
-BN_POLICIES = ("frozen", "train", "eval-all")
+from headstart.errors import HeadstartError
+from headstart.models.network import Network
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -87,26 +85,6 @@ def unfreeze_last(net: Network, k: int | str) -> str:
     if k < 0:
         raise HeadstartError(f"cannot unfreeze {k} groups")
     return f"first:{max(0, len(net.groups) - k)}"
-
-
-def apply_train_mode(net: Network) -> None:
-    """Put frozen parts in eval mode according to ``net.bn_policy`` (called by ``net.train()``)."""
-    policy = net.bn_policy
-    if policy not in BN_POLICIES:
-        raise HeadstartError(f"unknown BatchNorm policy {policy!r}; choose from {', '.join(BN_POLICIES)}")
-    if policy == "train":
-        return
-    if not any(p.requires_grad for p in net.body.parameters()):
-        net.body.eval()  # the whole body is a fixed function
-    else:
-        for g in net.groups:
-            mods = net.group_modules(g)
-            if mods and not any(p.requires_grad for m in mods for p in m.parameters()):
-                for m in mods:
-                    m.eval()
-    for m in net.modules():
-        if isinstance(m, _BatchNorm) and (policy == "eval-all" or not any(p.requires_grad for p in m.parameters())):
-            m.eval()
 
 
 def trainable_state(net: Network) -> dict[str, str]:
