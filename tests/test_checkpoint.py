@@ -6,6 +6,7 @@ A tiny random-weight resnet18 (32 px, 64 digits) is trained once per module; not
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,20 @@ def test_save_is_atomic_when_writing_fails_midway(tmp_path, monkeypatch, exc):
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     assert torch.equal(checkpoint.read(target)["v"], torch.tensor([1.0, 2.0]))
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_a_checkpoint_written_before_the_layout_move_still_loads_and_predicts_the_same():
+    # Written by the flat-layout code (commit 6a2c34b): a 1-epoch squeezenet1_1 on digits at
+    # 32 px, with the logits that code gave for a fixed input.
+    import headstart as hs
+
+    net, ckpt = hs.load_network(FIXTURES / "flat-layout-squeezenet.pt")
+    expected = torch.load(FIXTURES / "flat-layout-squeezenet-logits.pt", weights_only=True)
+    net.eval()
+    with torch.no_grad():
+        got = net(expected["input"])
+    assert ckpt["arch"] == "squeezenet1_1" and len(ckpt["classes"]) == 10
+    torch.testing.assert_close(got, expected["logits"], rtol=0, atol=1e-6)
