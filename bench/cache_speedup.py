@@ -4,7 +4,7 @@ Both contenders train only a new final layer on a frozen EfficientNet-Lite0 (rea
 weights) at 128 px, on a class-balanced CIFAR-10 subset (5,000 train / 1,000 val JPEGs), for 10
 epochs, validating after every epoch:
 
-* ``headstart``: ``headstart.jobs.core.prepare`` + ``headstart.training.engine.fit`` with ``cache.enabled=True``
+* ``headstart``: ``headstart.jobs.train.prepare`` + ``headstart.training.engine.fit`` with ``cache.enabled=True``
   and a fresh, empty cache folder, so extracting the features is part of its time;
 * ``hand``: the seed's plain PyTorch loop: ImageFolder + DataLoader, the frozen body run forward
   every epoch (eval mode, ``torch.no_grad()``), the head trained.
@@ -171,7 +171,7 @@ def main() -> None:
     subset = common.subset_for(args, BENCH, n_train, n_val)
 
     from headstart.data.core import _usable_cpus
-    from headstart.jobs.core import prepare
+    from headstart.jobs.train import prepare
 
     if args.hand_workers is None:
         args.hand_workers = max(0, min(4, _usable_cpus() - 1))  # headstart's default_workers for files

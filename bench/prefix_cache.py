@@ -34,7 +34,7 @@ BENCH = "prefix_cache"
 
 def run(args: Any, subset: Path, prefix: bool, cache_dir: Path) -> dict[str, Any]:
     from headstart.config import RunConfig, StageConfig
-    from headstart.jobs.core import prepare
+    from headstart.jobs.train import prepare
     from headstart.models.freeze import unfreeze_last
     from headstart.training.engine import fit
 

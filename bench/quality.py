@@ -179,7 +179,7 @@ class _Take:
 def time_finetune_step(subset: Path, args: Any) -> dict[str, Any]:
     """Images/s of headstart's fine-tuning stage (default settings) over a few real batches."""
     from headstart.config import RunConfig
-    from headstart.jobs.core import prepare
+    from headstart.jobs.train import prepare
     from headstart.runtime.device import pick_device
     from headstart.runtime.precision import resolve_precision
     from headstart.training.engine import _epoch_loader, _loss, train_one_epoch

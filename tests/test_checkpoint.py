@@ -13,7 +13,7 @@ import torch
 
 from headstart.config import HeadConfig, RunConfig, apply_overrides, from_dict, to_dict
 from headstart.errors import HeadstartError
-from headstart.jobs.core import prepare
+from headstart.jobs.train import prepare
 from headstart.models import checkpoint
 from headstart.training.engine import fit
 from headstart.training.runs import RunDir

@@ -18,7 +18,7 @@ from headstart.cli.main import main
 from headstart.config import RunConfig, StageConfig, TrainConfig, apply_overrides
 from headstart.errors import HeadstartError
 from headstart.evaluation.metrics import class_report, format_report, topk_correct
-from headstart.jobs.core import prepare
+from headstart.jobs.train import prepare
 from headstart.models import checkpoint
 from headstart.models.backbones import build_network
 from headstart.models.freeze import trainable_state

@@ -14,7 +14,7 @@ from headstart.config import DataConfig, RunConfig, apply_overrides
 from headstart.data.core import FileDataset, build_data, build_transform, make_loader
 from headstart.data.memory import BatchTransform, MemoryDataset, enable_batch_transforms
 from headstart.errors import HeadstartError
-from headstart.jobs.core import prepare
+from headstart.jobs.train import prepare
 from headstart.models.preprocess import Preprocessing
 from headstart.training import cache as cache_mod
 from headstart.training.engine import fit

@@ -14,7 +14,7 @@ from PIL import Image
 from headstart.cli.main import main
 from headstart.config import RunConfig, apply_overrides
 from headstart.errors import HeadstartError
-from headstart.jobs.core import prepare
+from headstart.jobs.train import prepare
 from headstart.training import cache as cache_mod
 from headstart.training.engine import fit
 from headstart.training.lr_find import lr_find, suggest
@@ -358,7 +358,7 @@ def test_eval_with_tta_averages_a_flipped_view(tmp_path, capsys):
             "--epochs", "1", "--no-progress", "--no-report", "--output", str(tmp_path), "--name", "t"]
     assert main(args) == 0
     from headstart.evaluation.inference import predict_logits
-    from headstart.jobs.core import evaluate_checkpoint
+    from headstart.jobs.evaluate import evaluate_checkpoint
 
     plain = evaluate_checkpoint(tmp_path / "t", str(folder), split="all")
     tta = evaluate_checkpoint(tmp_path / "t", str(folder), split="all", tta=True)

@@ -16,8 +16,8 @@ import torch
 
 from headstart.cli.main import main
 from headstart.config import RunConfig, apply_overrides
-from headstart.jobs import core as api
-from headstart.jobs.core import prepare
+from headstart.jobs import train as api
+from headstart.jobs.train import prepare
 from headstart.runtime.precision import Precision
 from headstart.training import engine
 from headstart.training.runs import RunDir

@@ -9,7 +9,7 @@ from PIL import Image
 
 from headstart.cli.main import main
 from headstart.config import RunConfig, apply_overrides
-from headstart.jobs.core import prepare
+from headstart.jobs.train import prepare
 from headstart.models import checkpoint
 from headstart.models.backbones import build_network
 from headstart.training.engine import fit

@@ -44,10 +44,10 @@ _EXPORTS = {
     "write_report": "headstart.report.core",
     "group_table": "headstart.jobs.describe",
     "inspect_model": "headstart.jobs.describe",
-    "evaluate_checkpoint": "headstart.jobs.core",
-    "predict": "headstart.jobs.core",
-    "prepare": "headstart.jobs.core",
-    "train": "headstart.jobs.core",
+    "evaluate_checkpoint": "headstart.jobs.evaluate",
+    "predict": "headstart.jobs.predict",
+    "prepare": "headstart.jobs.train",
+    "train": "headstart.jobs.train",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]  # noqa: PLE0604, PLE0605 - built from the table above
@@ -82,8 +82,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from headstart.errors import HeadstartError, OfflineError  # noqa: F401
     from headstart.evaluation.inference import evaluate  # noqa: F401
     from headstart.evaluation.interpret import Interpretation, interpret  # noqa: F401
-    from headstart.jobs.core import evaluate_checkpoint, predict, prepare, train  # noqa: F401
     from headstart.jobs.describe import group_table, inspect_model  # noqa: F401
+    from headstart.jobs.evaluate import evaluate_checkpoint  # noqa: F401
+    from headstart.jobs.predict import predict  # noqa: F401
+    from headstart.jobs.train import prepare, train  # noqa: F401
     from headstart.models.backbones import build_network, list_backbones  # noqa: F401
     from headstart.models.checkpoint import load_network  # noqa: F401
     from headstart.models.freeze import count_params, freeze, trainable_state, unfreeze_last  # noqa: F401

@@ -208,7 +208,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from headstart.jobs.core import train
+    from headstart.jobs.train import train
 
     if args.resume:
         given = {key for _, key, _, _ in TRAIN_FLAGS if getattr(args, key, None) is not None}
@@ -224,7 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from headstart.evaluation.metrics import format_report
-    from headstart.jobs.core import evaluate_checkpoint
+    from headstart.jobs.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
                                  tta=args.tta, device=args.device, strict=args.strict)
@@ -247,7 +247,7 @@ def _default_eval_dir(ckpt: str) -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from headstart.jobs.core import predict
+    from headstart.jobs.predict import predict
 
     results = predict(args.checkpoint, args.inputs, top_k=args.top_k, device=args.device)
     if args.format == "json":
@@ -282,7 +282,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from headstart.jobs.core import prepare
+    from headstart.jobs.train import prepare
     from headstart.training.lr_find import lr_find
     from headstart.training.optim import resolve_stages
 

@@ -15,10 +15,37 @@ from pathlib import Path
 from typing import Any
 
 from headstart.config import RunConfig, save_yaml
+from headstart.errors import HeadstartError
 
 log = logging.getLogger(__name__)
 CSV_FIELDS = ["global_epoch", "stage", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
               "seconds", "images_per_s", "lr_head"]
+
+
+def claim_folder(root: Path, name: str) -> Path:
+    """Create ``root/name`` (or ``name-2``, ``name-3``, ... when taken) and return it.
+
+    The folder is made with an exclusive ``mkdir``, so two runs started at the same moment with
+    the same name (or the same timestamp) can never share a folder: the second gets the next free
+    name, and the log says so.
+    """
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HeadstartError(f"cannot create the output folder {root}: {e.strerror or e}") from None
+    for i in range(1, 10_000):
+        path = root / (name if i == 1 else f"{name}-{i}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise HeadstartError(f"cannot create the run folder {path}: {e.strerror or e}; choose another "
+                                 "--output") from None
+        if i > 1:
+            log.warning("run folder %s is taken; this run writes to %s", root / name, path)
+        return path
+    raise HeadstartError(f"no free run folder name under {root} for {name!r}; choose another --name")
 
 
 class RunDir:
@@ -40,6 +67,11 @@ class RunDir:
                 log.info("tensorboard is not installed: no event files for %s", self.path)
             else:
                 self._tb = SummaryWriter(log_dir=str(self.path))
+
+    @property
+    def has_tensorboard(self) -> bool:
+        """Whether event files are being written for this run."""
+        return self._tb is not None
 
     def tb_step(self, step: int, loss: float, lrs: dict[str, float]) -> None:
         if self._tb is not None:
@@ -81,11 +113,7 @@ class RunDir:
         else:
             data = Path(cfg.data.source).name or "data"
             name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.name}-{data}"
-        path = root / name
-        i = 1
-        while path.exists() and any(path.iterdir()):
-            i += 1
-            path = root / f"{name}-{i}"
+        path = claim_folder(root, name)
         return cls(path, tensorboard)
 
     def write_config(self, cfg: RunConfig) -> None:

@@ -1,4 +1,4 @@
-"""The Python API: the same jobs as the CLI, driven by the same :class:`~headstart.config.RunConfig`.
+"""The training job: build the network and data, narrate the seed's steps, fit, save, report.
 
 Example (the seed's workflow, offline, on the bundled digits)::
 
@@ -17,18 +17,15 @@ Example (the seed's workflow, offline, on the bundled digits)::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from headstart.config import DataConfig, RunConfig, apply_overrides, from_dict, to_dict
-from headstart.data.core import build_data, build_transform, folder_dataset, list_images, load_image, make_loader
+from headstart.config import RunConfig, apply_overrides, from_dict
+from headstart.data.core import build_data
 from headstart.errors import HeadstartError
-from headstart.evaluation.evalset import remap_targets
-from headstart.evaluation.inference import evaluate
-from headstart.evaluation.metrics import ClassReport
 from headstart.models import checkpoint
 from headstart.models.backbones import build_network
 from headstart.models.freeze import count_params
@@ -42,16 +39,28 @@ from headstart.training.runs import RunDir
 DIGITS_INPUT_SIZE = 64
 
 
-def prepare(cfg: RunConfig) -> tuple[Network, Any]:
-    """Build the network and the data a config describes, the head sized to the data's classes."""
+def prepare(cfg: RunConfig, say: Callable[[str], None] | None = None) -> tuple[Network, Any]:
+    """Build the network and the data a config describes, the head sized to the data's classes.
+
+    With ``say``, the seed's first steps are narrated as they happen: the pretrained model as
+    loaded (its own classifier and parameter count), then the data, then the new classifier.
+    """
     seed_everything(cfg.train.seed)  # random initialisation and the new head's weights repeat
-    size = cfg.model.input_size
-    if size is None and cfg.data.source == "digits":
-        size = DIGITS_INPUT_SIZE
-    net = build_network(cfg.model.name, cfg.model.weights, input_size=size)
+    net = build_network(cfg.model.name, cfg.model.weights, input_size=input_size(cfg))
+    if say is not None:
+        say(describe_loaded(net, cfg))
     data = _training_data(cfg, net)
     net.replace_head(len(data.classes), cfg.head)
+    if say is not None:
+        say(describe_new_head(net, data, cfg))
     return net, data
+
+
+def input_size(cfg: RunConfig) -> int | None:
+    """The input size a run uses: the config's, else 64 px for the digits, else the weights' own."""
+    if cfg.model.input_size is None and cfg.data.source == "digits":
+        return DIGITS_INPUT_SIZE
+    return cfg.model.input_size
 
 
 def _training_data(cfg: RunConfig, net: Network) -> Any:
@@ -89,17 +98,22 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     if not w.main:
         say = _silent
     if state is not None:
+        finished = _finished_result(resume, cfg, state)
+        if finished is not None:
+            say(f"{resume} has finished all its {len(finished.history)} epoch(s): nothing left to train; "
+                f"its model is {Path(resume) / 'best.pt'}")
+            return finished
         run = RunDir(resume, tensorboard=w.main and cfg.tensorboard)
         if w.main:
             run.truncate_history(len(state["train_state"]["history"]))
-        say(f"resuming {run.path} after epoch {state['train_state']['global_epoch']}")
         net, data = _rebuild_for_resume(cfg, state)
+        say(f"resuming {run.path} after epoch {state['train_state']['global_epoch']}: {net.name} "
+            f"(weights {cfg.model.weights}, restored from the checkpoint), {data.source}")
     else:
-        net, data = prepare(cfg)
+        net, data = prepare(cfg, say=say)
         run = RunDir.new(cfg, tensorboard=cfg.tensorboard) if w.main else None
         if run is not None:
             run.write_config(cfg)
-    say(describe_job(net, data, cfg))
     result = fit(net, data, cfg, run if w.main else None, resume=state, say=say)
     if not w.main:  # rank 0 writes everything below
         return result
@@ -107,11 +121,31 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     run.write_summary(info)
     _tensorboard_final(run, cfg, result)
     run.close()
+    if not result.history:  # every stage had 0 epochs: no checkpoint was written
+        say(f"\nnothing was trained: every stage has 0 epochs, so no model was saved ({run.path} holds "
+            "only the config); give --epochs or --finetune-epochs a positive number")
+        return result
     say(f"\nfinal validation accuracy {result.final.top1:.2%} (best {result.best_accuracy:.2%}); "
         f"model saved to {run.path / 'best.pt'}")
     if cfg.report:
         _write_report(run, say)
     return result
+
+
+def _finished_result(resume: str | Path, cfg: RunConfig, state: dict[str, Any]) -> FitResult | None:
+    """The run's result when its last checkpoint already holds every epoch of the schedule (or an
+    early stop), else None: resuming such a run redoes nothing and rewrites nothing."""
+    from headstart.training.optim import resolve_stages
+
+    ts = state["train_state"]
+    if ts.get("partial"):
+        return None
+    net = checkpoint.load_network(state)[0]
+    total = sum(s.epochs for s in resolve_stages(cfg.train, net))
+    if not ts.get("stopped") and ts["global_epoch"] < total:
+        return None
+    history = list(ts["history"])
+    return FitResult(best_accuracy=ts.get("best", -1.0), final=None, history=history, run_dir=Path(resume))
 
 
 def _rebuild_for_resume(cfg: RunConfig, state: dict[str, Any]) -> tuple[Network, Any]:
@@ -134,7 +168,7 @@ def _silent(_: str) -> None:
 def _tensorboard_final(run: RunDir, cfg: RunConfig, result: FitResult) -> None:
     """Hyper-parameters with the final metrics, and the confusion matrix as an image."""
     png = None
-    if result.final is not None and run._tb is not None:
+    if result.final is not None and run.has_tensorboard:
         from headstart.report.core import confusion_heatmap_png
 
         png = confusion_heatmap_png(result.final)
@@ -156,24 +190,54 @@ def _write_report(run: RunDir, say: Callable[[str], None]) -> None:
         say(f"report not written: {e}")
 
 
-def describe_job(net: Network, data: Any, cfg: RunConfig) -> str:
-    """The seed's first steps, as text: the model loaded, its body and head, the new classifier."""
+def describe_loaded(net: Network, cfg: RunConfig) -> str:
+    """Steps 1 and 2 of the seed, as text: the pretrained model as loaded, its body and its own head."""
     from headstart.jobs.describe import group_table
 
     total, _ = count_params(net)
-    pre = net.preprocessing
-    counts = data.class_counts()
     body = ", ".join(n for n, m in net.body.named_children() if not isinstance(m, torch.nn.Identity))
     return "\n".join([
         f"== 1. load: {net.name} ({net.source}, weights {_weights_text(cfg.model.weights, net.weights_name)}), "
-        f"{total:,} parameters, input {pre.crop}px",
-        f"== 2. understand: body (feature extractor) = {body}; head (classifier) = the new classifier below",
+        f"{total:,} parameters as loaded, input {net.preprocessing.crop}px",
+        f"== 2. understand: body (feature extractor) = {body}; depth groups:",
         group_table(net),
+        f"   head (the pretrained classifier, {net.num_classes} outputs):",
+        _indent(str(net.head)),
+    ])
+
+
+def describe_new_head(net: Network, data: Any, cfg: RunConfig) -> str:
+    """Steps 3 and 4 of the seed, as text: what the first stage freezes, and the new classifier."""
+    counts = data.class_counts()
+    total, _ = count_params(net)
+    head = sum(p.numel() for p in net.head.parameters())
+    return "\n".join([
         f"== data: {data.source}: {len(data.classes)} classes, {sum(counts['train'].values())} train / "
         f"{sum(counts['val'].values())} validation images",
-        f"== 3. new classifier for {len(data.classes)} classes ({net.head_config.kind}):",
-        str(net.head),
+        f"== 3. freeze: {_freeze_text(cfg.train.freeze)} for the first stage (BatchNorm keeps its statistics)",
+        f"== 4. new classifier for {len(data.classes)} classes ({net.head_config.kind}, {head:,} parameters; "
+        f"{total:,} in all):",
+        _indent(str(net.head)),
     ])
+
+
+def describe_job(net: Network, data: Any, cfg: RunConfig) -> str:
+    """Steps 1-4 for a network already re-headed (the pretrained head is no longer there to show)."""
+    return describe_new_head(net, data, cfg)
+
+
+def _freeze_text(spec: str) -> str:
+    if spec == "body":
+        return "the whole body (only the classifier trains)"
+    if spec == "none":
+        return "nothing (every layer trains)"
+    if spec.isdigit():
+        return f"the first {spec} depth group(s)"
+    return f"parameters matching {spec}"
+
+
+def _indent(text: str) -> str:
+    return "\n".join("   " + line for line in text.splitlines())
 
 
 def _weights_text(asked: str, loaded: str) -> str:
@@ -202,75 +266,3 @@ def summary(net: Network, data: Any, cfg: RunConfig, result: FitResult, seconds:
         "stages": stages,
         "epochs": len(result.history),
     }
-
-
-# ---------------------------------------------------------------------- eval and predict
-
-
-def evaluate_checkpoint(
-    ckpt_path: str | Path,
-    data_source: str,
-    *,
-    split: str = "auto",
-    batch_size: int = 64,
-    tta: bool = False,
-    device: str = "auto",
-    strict: bool = False,
-) -> ClassReport:
-    """Evaluate a checkpoint on a data source's validation split (or every image of a folder)."""
-    net, ckpt = checkpoint.load_network(ckpt_path)
-    cfg = from_dict(RunConfig, ckpt["config"]) if "config" in ckpt else RunConfig()
-    dcfg = DataConfig(source=data_source, root=cfg.data.root, val_split=cfg.data.val_split,
-                      batch_size=batch_size, augment=False, strict=strict, in_memory=False)
-    if split == "all" or (split == "auto" and Path(data_source).expanduser().is_dir()
-                          and not _has_split_folders(Path(data_source).expanduser())):
-        dataset = folder_dataset(data_source, strict=strict)
-    else:
-        bundle = build_data(dcfg, net.preprocessing, seed=cfg.train.seed)
-        dataset = bundle.val if split in ("auto", "val") else bundle.train
-    remap_targets(dataset, ckpt["classes"])
-    dataset.transform = build_transform(net.preprocessing, train=False, augment=False, kind=ckpt.get("kind", "photo"))
-    dev = pick_device(device)
-    net.to(dev)
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=None, seed=0)
-    return evaluate(net, loader, list(ckpt["classes"]), dev, progress=True, tta=tta)
-
-
-def _has_split_folders(folder: Path) -> bool:
-    return (folder / "train").is_dir()
-
-
-@torch.no_grad()
-def predict(ckpt_path: str | Path, inputs: Sequence[str | Path], *, top_k: int = 5, device: str = "auto",
-            batch_size: int = 32) -> list[dict[str, Any]]:
-    """Classify image files (folders are searched); one dict per image with its top-k classes."""
-    net, ckpt = checkpoint.load_network(ckpt_path)
-    paths: list[Path] = []
-    for item in inputs:
-        paths += list_images(item)
-    classes = list(ckpt["classes"])
-    tf = build_transform(net.preprocessing, train=False, augment=False, kind=ckpt.get("kind", "photo"))
-    dev = pick_device(device)
-    net.to(dev).eval()
-    k = max(1, min(top_k, len(classes)))
-    out = []
-    for i in range(0, len(paths), batch_size):
-        chunk = paths[i : i + batch_size]
-        x = torch.stack([tf(_open(p)) for p in chunk]).to(dev)
-        probs = net(x).float().softmax(1).cpu()
-        conf, idx = probs.topk(k, dim=1)
-        for p, c, j in zip(chunk, conf.tolist(), idx.tolist()):
-            out.append({"file": str(p), "top": [{"class": classes[a], "probability": b} for a, b in zip(j, c)]})
-    return out
-
-
-def _open(path: Path) -> Any:
-    try:
-        return load_image(path)
-    except HeadstartError:
-        raise
-    except Exception as e:  # noqa: BLE001 - PIL raises many kinds
-        raise HeadstartError(f"cannot read image {path}: {e}") from None
-
-
-__all__ = ["prepare", "train", "evaluate_checkpoint", "predict", "remap_targets", "describe_job", "to_dict"]
