@@ -17,7 +17,7 @@ from PIL import Image
 from headstart.cli.main import main
 from headstart.evaluation.interpret import Interpretation, interpret
 from headstart.evaluation.metrics import class_report
-from headstart.report.core import (
+from headstart.report import (
     SECTIONS,
     confusion_figure,
     examples_figure,

@@ -41,7 +41,7 @@ _EXPORTS = {
     "interpret": "headstart.evaluation.interpret",
     "fit": "headstart.training.engine",
     "lr_find": "headstart.training.lr_find",
-    "write_report": "headstart.report.core",
+    "write_report": "headstart.report",
     "group_table": "headstart.jobs.describe",
     "inspect_model": "headstart.jobs.describe",
     "evaluate_checkpoint": "headstart.jobs.evaluate",
@@ -90,6 +90,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from headstart.models.checkpoint import load_network  # noqa: F401
     from headstart.models.freeze import count_params, freeze, trainable_state, unfreeze_last  # noqa: F401
     from headstart.models.network import Network  # noqa: F401
-    from headstart.report.core import write_report  # noqa: F401
+    from headstart.report import write_report  # noqa: F401
     from headstart.training.engine import fit  # noqa: F401
     from headstart.training.lr_find import lr_find  # noqa: F401

@@ -299,7 +299,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from headstart.report.core import write_report
+    from headstart.report import write_report
 
     print(f"report written to {write_report(args.run_dir, data_source=args.data)}")
     return 0

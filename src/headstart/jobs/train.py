@@ -169,7 +169,7 @@ def _tensorboard_final(run: RunDir, cfg: RunConfig, result: FitResult) -> None:
     """Hyper-parameters with the final metrics, and the confusion matrix as an image."""
     png = None
     if result.final is not None and run.has_tensorboard:
-        from headstart.report.core import confusion_heatmap_png
+        from headstart.report import confusion_heatmap_png
 
         png = confusion_heatmap_png(result.final)
     hparams = {"model": cfg.model.name, "weights": cfg.model.weights, "head": cfg.head.kind,
@@ -182,7 +182,7 @@ def _tensorboard_final(run: RunDir, cfg: RunConfig, result: FitResult) -> None:
 
 
 def _write_report(run: RunDir, say: Callable[[str], None]) -> None:
-    from headstart.report.core import write_report
+    from headstart.report import write_report
 
     try:
         say(f"report: {write_report(run.path)}")
