@@ -152,7 +152,7 @@ def create_app(predictor: Any, *, max_batch: int = 8, max_wait_ms: float = 5.0, 
 
     @app.get("/metadata")
     async def metadata() -> dict[str, Any]:
-        meta = dict(predictor.metadata)
+        meta = {k: v for k, v in predictor.metadata.items() if k != "card"}  # the card is shown on its own
         return {"model_id": predictor.model_id, "backend": predictor.backend, "classes": classes,
                 "num_classes": len(classes), "preprocessing": meta.get("preprocessing"),
                 "model_card": model_card, "model": meta, "limits": limits.to_dict(),
@@ -171,9 +171,6 @@ def create_app(predictor: Any, *, max_batch: int = 8, max_wait_ms: float = 5.0, 
                 stats.disconnects += 1
             request.state.log_note = "client disconnected mid-upload"
             return Response(status_code=499)  # nginx's code; uvicorn drops it, the client is gone
-        if len(files) > limits.max_images:
-            raise BadInput(413, "too_many_images", f"{len(files)} images in one request, over the limit of "
-                                                   f"{limits.max_images} (--max-images)")
         read_done = time.perf_counter()
         # Decoding and resizing are CPU work: off the event loop, like inference.
         arrays = await run_in_threadpool(_prepare_all, predictor, files, limits)
@@ -227,7 +224,10 @@ def _ms(seconds: float) -> float:
 
 
 def model_card_text(source: str | Path, predictor: Any) -> str:
-    """The model card to show: an export's README.md, else one written from the metadata."""
+    """The model card to show: the predictor's own (an export's README.md), else one from its metadata."""
+    card = predictor.metadata.get("card")
+    if card:
+        return str(card)
     path = Path(source)
     if path.is_dir() and (path / "README.md").is_file():
         return (path / "README.md").read_text(encoding="utf-8", errors="replace")
@@ -250,18 +250,10 @@ def serve(predictor: Any, *, host: str = "127.0.0.1", port: int = 8000, max_batc
     """
     import uvicorn
 
+    sock = _bind(host, port)
     _configure_logging()
     app = create_app(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                      limits=limits, model_card=model_card)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise HeadstartError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
-                             f"(0 takes a free one) or --host") from None
-    bound = sock.getsockname()[1]
     config = uvicorn.Config(app, log_config=None, access_log=False, limit_max_requests=max_requests,
                             timeout_graceful_shutdown=10, server_header=False)
     server = uvicorn.Server(config)
@@ -269,11 +261,24 @@ def serve(predictor: Any, *, host: str = "127.0.0.1", port: int = 8000, max_batc
         timer = threading.Timer(stop_after_s, lambda: setattr(server, "should_exit", True))
         timer.daemon = True
         timer.start()
-    print(f"listening on http://{_url_host(host)}:{bound}", flush=True)
+    print(f"listening on http://{_url_host(host)}:{sock.getsockname()[1]}", flush=True)
     with _graceful_signals():
         server.run(sockets=[sock])
     log.info("stopped")
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (uvicorn listens on it), or a HeadstartError saying why not."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise HeadstartError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
+                             f"(0 takes a free one) or --host") from None
+    return sock
 
 
 def _url_host(host: str) -> str:

@@ -31,8 +31,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; "
                                                         "0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0 picks a free one)")
-    p.add_argument("--backend", choices=["torch", "onnx"], default=None,
-                   help="inference engine (default: the export's own format, torch for a checkpoint)")
+    p.add_argument("--backend", choices=["torch", "onnx", "torchscript"], default=None,
+                   help="inference engine (default: the export's own format, torch for a checkpoint; "
+                        "onnx or torchscript on a checkpoint converts and verifies it in memory)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default %(default)s)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=8, metavar="N",

@@ -96,13 +96,20 @@ async def _read(request: Any, limits: Limits) -> list[tuple[str, bytes]]:
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     body = bounded(request.stream(), limits)
-    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+    ctype = request.headers.get("content-type", "").lower()
+    if ctype.startswith("application/x-www-form-urlencoded"):
+        raise BadInput(415, "not_an_image", "the body is a form without files (application/x-www-form-urlencoded);"
+                                            " send the image as the raw body or as multipart/form-data file parts")
+    if not ctype.startswith("multipart/form-data"):
         return [("body", b"".join([chunk async for chunk in body]))]
     parser = MultiPartParser(request.headers, body, max_files=limits.max_images, max_fields=16,
                              max_part_size=64 * 1024)
     try:
         form = await parser.parse()
     except MultiPartException as e:
+        if str(e).startswith("Too many files"):  # the parser stops at the first file over the limit
+            raise BadInput(413, "too_many_images", f"more than {limits.max_images} images in one request "
+                                                   f"(--max-images); send them in several requests") from None
         raise BadInput(400, "bad_multipart", f"the multipart body could not be read: {e}") from None
     try:
         files = [(f.filename or key, await f.read()) for key, f in form.multi_items() if isinstance(f, UploadFile)]
