@@ -27,6 +27,7 @@ def model_card(meta: dict[str, Any], ckpt: dict[str, Any] | None = None, run_dir
         _data(meta, cfg, summary),
         _metrics(summary, evaluation, meta),
         _verification(meta.get("verification")),
+        _int8(meta),
         _input(meta),
         _loading(meta),
         _limits(meta, cfg, summary, evaluation),
@@ -86,13 +87,33 @@ def _metrics(summary: dict[str, Any], evaluation: dict[str, Any] | None, meta: d
     if evaluation:
         exported = evaluation.get("export_top1")
         n = sum(r["support"] for r in evaluation["per_class"])
-        lines += ["", f"Measured at export time on {n} validation images: the PyTorch model top-1 "
-                  f"**{evaluation['top1']:.2%}**"
-                  + (f", this {meta.get('model_format')} file **{exported:.2%}**" if exported is not None else "")
+        what = f"{meta.get('model_format')}{' int8' if meta.get('precision') == 'int8' else ''}"
+        lines += ["" if len(lines) > 2 else "", f"Measured at export time on {n} validation images: the PyTorch "
+                  f"model top-1 **{evaluation['top1']:.2%}**"
+                  + (f", this {what} file **{exported:.2%}**" if exported is not None else "")
                   + ".", "", "| class | precision | recall | F1 | images |", "| --- | ---: | ---: | ---: | ---: |"]
         for r in evaluation["per_class"]:
             lines.append(f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+    if len(lines) == 2:
+        return ""
+    return "\n".join(lines[:2] + [line for i, line in enumerate(lines[2:]) if line or i > 0])
+
+
+def _int8(meta: dict[str, Any]) -> str:
+    q = meta.get("int8")
+    if not q:
+        return ""
+    rows = ["| method | speed vs fp32 ONNX | top-1 | change | chosen |", "| --- | ---: | ---: | ---: | --- |"]
+    for c in q["candidates"]:
+        acc = "not measured (slower than fp32)" if c["top1"] is None else f"{c['top1']:.2%}"
+        change = "" if c["top1_change"] is None else f"{c['top1_change'] * 100:+.1f} points"
+        rows.append(f"| {c['method']} | {c['speedup']:.2f}x | {acc} | {change} | {'yes' if c['method'] == q['method'] else ''} |")
+    return "\n".join([
+        "## int8", "",
+        f"Quantised with ONNX Runtime; static quantisation calibrated on {q['calibration_images']} training images, "
+        f"dynamic without calibration. Both were measured on {q['measured_on']} (top-1 against "
+        f"{q['top1_basis']}), and the fastest one within 1 point of fp32's top-1 was kept:", "", *rows,
+    ])
 
 
 def _verification(v: dict[str, Any] | None) -> str:

@@ -157,9 +157,9 @@ def open_checkpoint(path: Path, backend: str, device: str) -> Predictor:
 
     data = convert.to_onnx(net)[0] if backend == "onnx" else convert.to_torchscript(net)
     run = onnx_runner(data, device) if backend == "onnx" else torchscript_runner(data, device)
-    reference = torch_runner(net, "cpu")
     batches = verify.random_batches((3, net.preprocessing.crop, net.preprocessing.crop))
-    v = verify.compare(reference, run, batches, fmt=backend, inputs="seeded random inputs")
+    v = verify.compare(verify.run_all(torch_runner(net, "cpu"), batches), verify.run_all(run, batches),
+                       fmt=backend, inputs="seeded random inputs")
     meta["verification"] = verify.check(v, f"{backend} (in memory)").to_dict()
     return Predictor(model_id=model_id, metadata=meta, backend=backend, run=run)
 

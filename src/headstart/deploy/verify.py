@@ -1,14 +1,15 @@
 """Verification: an exported model is run beside the PyTorch model it came from, on real inputs.
 
-An export that is not checked is a guess. :func:`compare` runs two logit functions on the same
-batches and measures how far apart they are; :func:`check` turns a measurement outside its
+An export that is not checked is a guess. :func:`compare` measures how far apart two models'
+logits on the same batches are; :func:`check` turns a measurement outside its
 format's tolerance into a :class:`~headstart.errors.HeadstartError` that gives the numbers.
-Nothing here knows about files or engines: the caller passes ``(N,3,H,W) -> (N,C)`` functions.
+Nothing here knows about files or engines: the caller runs ``(N,3,H,W) -> (N,C)`` functions
+and passes their logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -59,13 +60,12 @@ class Verification:
                 f"{self.top1_agreement:.2%}{need} on {self.images} images ({self.inputs})")
 
 
-def compare(reference: Logits, candidate: Logits, batches: Iterable[np.ndarray], *, fmt: str,
+def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], *, fmt: str,
             inputs: str) -> Verification:
-    """Run both functions on every batch; the largest logit difference and the top-1 agreement."""
+    """The largest logit difference and the top-1 agreement of two lists of logit batches."""
     worst, scale, agree, total = 0.0, 0.0, 0, 0
-    for x in batches:
-        ref = np.asarray(reference(x), dtype=np.float64)
-        got = np.asarray(candidate(x), dtype=np.float64)
+    for ref, got in zip(reference, candidate, strict=True):
+        ref, got = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
         if ref.shape != got.shape:
             raise HeadstartError(f"the {fmt} export returns logits of shape {got.shape}, the model {ref.shape}")
         worst = max(worst, float(np.abs(ref - got).max()) if got.size else 0.0)
@@ -73,7 +73,7 @@ def compare(reference: Logits, candidate: Logits, batches: Iterable[np.ndarray],
             worst = float("inf")
         scale = max(scale, float(np.abs(ref).max()) if ref.size else 0.0)
         agree += int((ref.argmax(1) == got.argmax(1)).sum())
-        total += len(x)
+        total += len(ref)
     if total == 0:
         raise HeadstartError(f"no images to verify the {fmt} export on")
     tol = TOLERANCES[fmt]
@@ -81,6 +81,11 @@ def compare(reference: Logits, candidate: Logits, batches: Iterable[np.ndarray],
     top1 = agree / total
     return Verification(fmt, total, inputs, worst, scale, top1, max_abs, tol["top1_agreement"],
                         passed=worst <= max_abs and top1 >= tol["top1_agreement"])
+
+
+def run_all(logits: Logits, batches: Iterable[np.ndarray]) -> list[np.ndarray]:
+    """``logits`` of every batch, in order."""
+    return [np.asarray(logits(x), dtype=np.float32) for x in batches]
 
 
 def check(v: Verification, where: str) -> Verification:
@@ -92,15 +97,12 @@ def check(v: Verification, where: str) -> Verification:
 
 
 def random_batches(shape: tuple[int, int, int], *, count: int = 8, batch: int = 4, seed: int = 0) -> list[np.ndarray]:
-    """Seeded inputs for a model with no images at hand: uniform pixels, roughly normalised.
+    """Seeded inputs for a model with no images at hand: uniform values in the normalised range.
 
     Used only where no real image exists (a bare checkpoint served through ONNX); exports from a
-    run are verified on its validation images.
+    run are verified on its validation images. The first batch holds one input, so a graph whose
+    batch axis is not really dynamic fails here.
     """
     rng = np.random.default_rng(seed)
-    out, left = [], count
-    while left > 0:
-        n = min(batch, left)
-        out.append(rng.uniform(-2.0, 2.0, size=(n, *shape)).astype(np.float32))
-        left -= n
-    return out
+    sizes = [1] + [batch] * ((count - 1) // batch) + ([(count - 1) % batch] if (count - 1) % batch else [])
+    return [rng.uniform(-2.0, 2.0, size=(n, *shape)).astype(np.float32) for n in sizes if n]
