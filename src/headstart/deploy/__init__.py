@@ -16,7 +16,7 @@ _NAMES = {
     "predict_images": "apply", "evaluate_folder": "apply",
 }
 
-__all__ = sorted(_NAMES)
+__all__ = ["Predictor", "evaluate_folder", "export_model", "open_predictor", "predict_images"]
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: import the submodule on first use

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import HeadstartError
-from ..metrics import ClassReport, class_report
+from headstart.errors import HeadstartError
+from headstart.evaluation import ClassReport, class_report
+
 from .runtime import Predictor, eval_transform
 
 
@@ -39,7 +40,7 @@ def predict_images(predictor: Predictor, inputs: Sequence[str | Path], *, top_k_
 
     The same records as :func:`headstart.api.predict`.
     """
-    from ..data import list_images, load_image
+    from headstart.data import list_images, load_image
 
     paths: list[Path] = []
     for item in inputs:
@@ -62,7 +63,7 @@ def evaluate_folder(predictor: Predictor, data_source: str, *, split: str = "aut
     without one (``digits``, a folder of classes with ``split="val"``) is rebuilt from the
     export's record of the training run (``val_split``, ``seed``).
     """
-    from ..data import make_loader
+    from headstart.data import make_loader
 
     dataset = _dataset(predictor, data_source, split, strict)
     _remap(dataset, predictor.classes)
@@ -81,9 +82,9 @@ def evaluate_folder(predictor: Predictor, data_source: str, *, split: str = "aut
 
 
 def _dataset(predictor: Predictor, source: str, split: str, strict: bool) -> Any:
-    from ..config import DataConfig
-    from ..data import build_data, folder_dataset
-    from ..preprocess import Preprocessing
+    from headstart.config import DataConfig
+    from headstart.data import build_data, folder_dataset
+    from headstart.models import Preprocessing
 
     folder = Path(source).expanduser()
     if split == "all" or (split == "auto" and folder.is_dir() and not (folder / "train").is_dir()):

@@ -47,7 +47,8 @@ def _summary(run_dir: Path | None) -> dict[str, Any]:
 def _title(meta: dict[str, Any], cfg: dict[str, Any], summary: dict[str, Any]) -> str:
     weights = summary.get("weights") or cfg.get("model", {}).get("weights", "unknown")
     head = meta.get("head", {})
-    hidden = f" (hidden {', '.join(map(str, head['hidden']))})" if head.get("kind") == "mlp" and head.get("hidden") else ""
+    mlp = head.get("kind") == "mlp" and head.get("hidden")
+    hidden = f" (hidden {', '.join(map(str, head['hidden']))})" if mlp else ""
     fmt = meta.get("model_format", "checkpoint")
     precision = " int8" if meta.get("precision") == "int8" else ""
     what = "a headstart checkpoint" if fmt == "checkpoint" else f"exported as **{fmt}{precision}**"
@@ -93,7 +94,8 @@ def _metrics(summary: dict[str, Any], evaluation: dict[str, Any] | None, meta: d
                   + (f", this {what} file **{exported:.2%}**" if exported is not None else "")
                   + ".", "", "| class | precision | recall | F1 | images |", "| --- | ---: | ---: | ---: | ---: |"]
         for r in evaluation["per_class"]:
-            lines.append(f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |")
+            lines.append(f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} "
+                         f"| {r['support']} |")
     if len(lines) == 2:
         return ""
     return "\n".join(lines[:2] + [line for i, line in enumerate(lines[2:]) if line or i > 0])
@@ -107,7 +109,8 @@ def _int8(meta: dict[str, Any]) -> str:
     for c in q["candidates"]:
         acc = "not measured (slower than fp32)" if c["top1"] is None else f"{c['top1']:.2%}"
         change = "" if c["top1_change"] is None else f"{c['top1_change'] * 100:+.1f} points"
-        rows.append(f"| {c['method']} | {c['speedup']:.2f}x | {acc} | {change} | {'yes' if c['method'] == q['method'] else ''} |")
+        chosen = "yes" if c["method"] == q["method"] else ""
+        rows.append(f"| {c['method']} | {c['speedup']:.2f}x | {acc} | {change} | {chosen} |")
     return "\n".join([
         "## int8", "",
         f"Quantised with ONNX Runtime; static quantisation calibrated on {q['calibration_images']} training images, "
@@ -126,7 +129,8 @@ def _verification(v: dict[str, Any] | None) -> str:
         "## Verification", "",
         f"When this file was written it was run beside the PyTorch model on {v['images']} images ({v['inputs']}):",
         "",
-        f"- largest absolute logit difference: **{v['max_abs_diff']:.3g}** ({limit}; the logits reach {v['reference_scale']:.3g})",
+        f"- largest absolute logit difference: **{v['max_abs_diff']:.3g}** ({limit}; the logits reach "
+        f"{v['reference_scale']:.3g})",
         f"- top-1 agreement with the PyTorch model: **{v['top1_agreement']:.2%}**{need}",
     ])
 
@@ -178,13 +182,14 @@ def _library_code(meta: dict[str, Any]) -> str:
     spec = meta["library"]
     kwargs = "".join(f", {k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in spec["kwargs"].items())
     if spec["package"] == "timm":
-        build = f"import timm, safetensors.torch\nmodel = timm.create_model(\"{spec['name']}\", num_classes={spec['num_classes']}{kwargs})"
+        build = (f"import timm, safetensors.torch\nmodel = timm.create_model(\"{spec['name']}\", "
+                 f"num_classes={spec['num_classes']}{kwargs})")
     else:
         build = (f"import torchvision, safetensors.torch\nmodel = torchvision.models.get_model(\"{spec['name']}\", "
                  f"num_classes={spec['num_classes']}{kwargs})")
     lines = [build]
     if spec["head"] == "custom":
-        lines.append(f"model.{spec['classifier']} = {head_code(spec['head_layers'])}  # headstart's own head, see below")
+        lines.append(f"model.{spec['classifier']} = {head_code(spec['head_layers'])}  # headstart's head, see below")
     lines.append(f"model.load_state_dict(safetensors.torch.load_file(\"{meta['model_file']}\"))")
     lines.append("logits = model.eval()(x)")
     return "\n".join(lines)
@@ -198,7 +203,8 @@ def _loading(meta: dict[str, Any]) -> str:
                  f"`{spec['name']}`, so the plain model gets it in place of `{spec['classifier']}` (the second line "
                  "above); its weights are in the same file under that name, and `head.safetensors` holds them alone."]
     if meta.get("model_format") != "checkpoint":
-        text += ["", "Or with headstart: `headstart predict THIS_FOLDER photo.jpg`, `headstart eval THIS_FOLDER --data DIR`, "
+        text += ["", "Or with headstart: `headstart predict THIS_FOLDER photo.jpg`, "
+                 "`headstart eval THIS_FOLDER --data DIR`, "
                  "`headstart serve THIS_FOLDER`."]
     return "\n".join(text)
 
@@ -216,7 +222,8 @@ def _limits(meta: dict[str, Any], cfg: dict[str, Any], summary: dict[str, Any],
     if n_val and acc is not None:
         half = 1.96 * math.sqrt(max(acc * (1 - acc), 1e-9) / n_val)
         items.append(f"The validation figure comes from {n_val} images of the same source as the training data: "
-                     f"its 95% interval is about ±{half:.1%}, and photos from elsewhere (other cameras, light, framing) "
+                     f"its 95% interval is about ±{half:.1%}, and photos from elsewhere (other cameras, light, "
+                     "framing) "
                      "usually score lower.")
     train = (summary.get("class_counts") or {}).get("train") or {}
     if train and max(train.values()) >= 3 * max(1, min(train.values())):

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..errors import HeadstartError
-from ..network import Network
+from headstart.errors import HeadstartError
+from headstart.models import Network
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ def _onnx_by_tracing(model: nn.Module, x: torch.Tensor, opset: int) -> bytes:
     buf = io.BytesIO()
     with _quiet(), torch.no_grad():
         torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           do_constant_folding=True)
     return buf.getvalue()
 

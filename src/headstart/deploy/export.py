@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
-from ..errors import HeadstartError
-from ..network import Network
+from headstart.errors import HeadstartError
+from headstart.models import Network
+from headstart.version import __version__
+
 from . import convert, verify
 from .card import model_card
 from .runtime import CARD, CONFIG, EXPORT_FORMAT, checkpoint_file, checkpoint_metadata, torch_runner
@@ -60,15 +61,15 @@ def export_model(source: str | Path, fmt: str, out: str | Path | None = None, *,
     spread, or every image under ``check_images``. Raises :class:`HeadstartError` (and writes
     nothing) when verification fails.
     """
-    from .. import checkpoint
+    from headstart.models import load_network, read_checkpoint
 
     if fmt not in FORMATS:
         raise HeadstartError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")
     if int8 and fmt != "onnx":
         raise HeadstartError("--int8 quantises with ONNX Runtime: use it with --format onnx")
     ckpt_path = checkpoint_file(Path(source).expanduser())
-    ckpt = checkpoint.read(ckpt_path)
-    net, _ = checkpoint.load_network(ckpt)
+    ckpt = read_checkpoint(ckpt_path)
+    net, _ = load_network(ckpt)
     target = _target_folder(Path(out) if out else _default_out(Path(source), ckpt_path, fmt, int8))
     checks = check_samples(ckpt, check_images, limit=check_limit)
     say(f"verifying on {checks.count} images ({checks.inputs})")
@@ -192,7 +193,7 @@ def _evaluation(reference: list[np.ndarray], exported: list[np.ndarray], checks:
         return None
     import torch
 
-    from ..metrics import class_report
+    from headstart.evaluation import class_report
 
     targets = torch.from_numpy(checks.targets)
     report = class_report(torch.from_numpy(np.concatenate(reference)), targets, classes).to_dict()

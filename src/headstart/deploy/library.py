@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import HeadstartError
-from ..network import Network
+from headstart.errors import HeadstartError
+from headstart.models import Network
 
 # Layers a headstart head is made of (network.build_mlp_head), with the arguments that rebuild them.
 _LAYER_ARGS: dict[str, tuple[str, ...]] = {
@@ -43,7 +43,7 @@ def library_spec(net: Network) -> dict[str, Any]:
         path = net.body.pretrained_cfg.get("classifier", "classifier")
         return {"package": "timm", "name": net.name, "num_classes": net.num_classes, "kwargs": kwargs,
                 "classifier": path}
-    from .. import families
+    from headstart.models import families
 
     kwargs.update({k: bool(getattr(net.body, k)) for k in ("transform_input", "aux_logits") if hasattr(net.body, k)})
     if getattr(net.body, "image_size", 224) != 224:  # ViT at another input size
@@ -103,7 +103,8 @@ def _as_library_keys(net: Network, classifier: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _onto_library_head(own: dict[str, torch.Tensor], plain: nn.Module, classifier: str) -> dict[str, torch.Tensor] | None:
+def _onto_library_head(own: dict[str, torch.Tensor], plain: nn.Module,
+                       classifier: str) -> dict[str, torch.Tensor] | None:
     """A ``linear`` head's one Linear moved onto the library classifier's only parameterised layer, if it has one."""
     target = plain.state_dict()
     head_keys = [k for k in target if k == classifier or k.startswith(classifier + ".")]

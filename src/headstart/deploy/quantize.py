@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import HeadstartError
+from headstart.errors import HeadstartError
+
 from .convert import INPUT_NAME
 
 # The top-1 loss (in points of accuracy) an int8 model may cost and still be chosen for speed.
@@ -129,7 +130,8 @@ def speedup(fp32: Any, int8: Any, batch: np.ndarray, rounds: int = 5) -> float:
 
 def quantize_best(fp32: bytes, fp32_logits: Sequence[np.ndarray], batches: Sequence[np.ndarray],
                   targets: np.ndarray | None, calibration: Sequence[np.ndarray], *,
-                  max_drop: float = MAX_DROP, methods: Sequence[str] = ("static", "dynamic")) -> tuple[Candidate, list[Candidate]]:
+                  max_drop: float = MAX_DROP,
+                  methods: Sequence[str] = ("static", "dynamic")) -> tuple[Candidate, list[Candidate]]:
     """Build each method's int8 model, measure it on ``batches``, return (chosen, all measured).
 
     ``targets`` are the labels of ``batches`` (None: top-1 is agreement with ``fp32_logits``).

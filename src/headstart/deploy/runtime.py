@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import HeadstartError
+from headstart.errors import HeadstartError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -57,7 +57,7 @@ class Predictor:
 
     def preprocess(self, image: "Image.Image") -> np.ndarray:
         """The model's own eval transform: any PIL image -> ``(3, H, W)`` float32, normalised."""
-        from ..data import to_rgb
+        from headstart.data import to_rgb
 
         return self._transform(to_rgb(image)).numpy().astype(np.float32, copy=False)
 
@@ -65,7 +65,8 @@ class Predictor:
         """``(N, 3, H, W)`` float32 -> ``(N, C)`` float32 logits."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         if batch.ndim != 4 or batch.shape[1:] != self.input_shape:
-            raise HeadstartError(f"{self.model_id} takes batches of shape (N, {', '.join(map(str, self.input_shape))}), "
+            shape = ", ".join(map(str, self.input_shape))
+            raise HeadstartError(f"{self.model_id} takes batches of shape (N, {shape}), "
                                  f"got {tuple(batch.shape)}")
         if len(batch) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
@@ -77,8 +78,8 @@ class Predictor:
 
 def eval_transform(metadata: dict[str, Any]) -> Callable[[Any], Any]:
     """The eval transform a model's record describes (headstart's own, as ``predict`` uses)."""
-    from ..data import build_transform
-    from ..preprocess import Preprocessing
+    from headstart.data import build_transform
+    from headstart.models import Preprocessing
 
     pre = Preprocessing.from_dict(metadata["preprocessing"])
     return build_transform(pre, train=False, augment=False, kind=metadata.get("kind", "photo"))
@@ -144,11 +145,11 @@ def open_export(folder: Path, backend: str | None, device: str) -> Predictor:
 
 def open_checkpoint(path: Path, backend: str, device: str) -> Predictor:
     """A predictor for a checkpoint (or a run folder's best one), run by ``backend``."""
-    from .. import checkpoint
+    from headstart.models import load_network, read_checkpoint
 
     ckpt_file = checkpoint_file(path)
-    ckpt = checkpoint.read(ckpt_file)
-    net, _ = checkpoint.load_network(ckpt)
+    ckpt = read_checkpoint(ckpt_file)
+    net, _ = load_network(ckpt)
     meta = checkpoint_metadata(ckpt, ckpt_file)
     model_id = f"{meta['arch']}-{file_hash(ckpt_file)}"
     if backend == "torch":
@@ -216,7 +217,7 @@ def torch_runner(model: Any, device: str) -> Runner:
     """Logits from a PyTorch module (a headstart Network or a plain library model)."""
     import torch
 
-    from ..engine import pick_device
+    from headstart.runtime import pick_device
 
     dev = pick_device(device)
     model = model.to(dev).eval()
@@ -234,7 +235,7 @@ def torchscript_runner(data: bytes, device: str) -> Runner:
 
     import torch
 
-    from ..engine import pick_device
+    from headstart.runtime import pick_device
 
     dev = pick_device(device)
     try:
@@ -259,7 +260,8 @@ def onnx_session(data: bytes, device: str = "cpu", *, threads: int | None = None
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise HeadstartError("this onnxruntime has no CUDA support: use --device cpu, or pip install onnxruntime-gpu")
+            raise HeadstartError("this onnxruntime has no CUDA support: use --device cpu, "
+                                 "or pip install onnxruntime-gpu")
         providers.insert(0, "CUDAExecutionProvider")
     try:
         return ort.InferenceSession(data, sess_options=opts, providers=providers)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import HeadstartError
+from headstart.errors import HeadstartError
 
 BATCH = 32
 
@@ -52,7 +52,7 @@ def training_samples(ckpt: dict[str, Any], *, limit: int) -> Samples:
 
 def folder_samples(ckpt: dict[str, Any], folder: Path) -> Samples:
     """Images under ``folder``; labelled when its subfolders are all class names of the model."""
-    from ..data import folder_dataset, list_images
+    from headstart.data import folder_dataset, list_images
 
     from .runtime import eval_transform
 
@@ -63,7 +63,7 @@ def folder_samples(ckpt: dict[str, Any], folder: Path) -> Samples:
         _remap(ds, classes)
         ds.transform = eval_transform(ckpt)
         return _as_samples(ds, ckpt, None, f"--check-images {folder}")
-    from ..data import load_image
+    from headstart.data import load_image
 
     tf = eval_transform(ckpt)
     images = [tf(load_image(p)).numpy() for p in list_images(folder)]
@@ -72,9 +72,9 @@ def folder_samples(ckpt: dict[str, Any], folder: Path) -> Samples:
 
 def _run_data(ckpt: dict[str, Any], what: str) -> Any:
     """The run's data bundle, rebuilt from the checkpoint's config (no augmentation, not held in memory)."""
-    from ..config import RunConfig, from_dict
-    from ..data import build_data
-    from ..preprocess import Preprocessing
+    from headstart.config import RunConfig, from_dict
+    from headstart.data import build_data
+    from headstart.models import Preprocessing
 
     if not ckpt.get("config"):
         raise HeadstartError(f"the checkpoint records no run config, so its {what} images are unknown: "

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import HeadstartError
+from headstart.errors import HeadstartError
 
 # Largest allowed |logit difference| relative to the reference logits' scale (their largest
 # magnitude, at least 1), and smallest allowed top-1 agreement, per format. fp32 engines differ
