@@ -30,19 +30,19 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 class _Logits(nn.Module):
-    """The network as one plain ``forward(x) -> logits`` for tracing, on the CPU, in eval mode."""
+    """The network as one plain ``forward(x)`` for tracing: its logits, or its body's features."""
 
-    def __init__(self, net: Network) -> None:
+    def __init__(self, net: Network, body_only: bool = False) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.body_only = net, body_only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net.features(x) if self.body_only else self.net(x)
 
 
-def _frozen_copy(net: Network) -> nn.Module:
+def _frozen_copy(net: Network, body_only: bool = False) -> nn.Module:
     """A CPU copy in eval mode with no gradients: exporting never moves or changes the caller's model."""
-    model = _Logits(copy.deepcopy(net).cpu().eval())
+    model = _Logits(copy.deepcopy(net).cpu().eval(), body_only)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -65,8 +65,11 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def to_onnx(net: Network, *, opset: int = OPSET, exporter: str = "auto") -> tuple[bytes, str]:
+def to_onnx(net: Network, *, opset: int = OPSET, exporter: str = "auto",
+            body_only: bool = False) -> tuple[bytes, str]:
     """``(model bytes, exporter used)``: an ONNX graph with a dynamic batch axis.
+
+    ``body_only``: the frozen body alone, ``(N, 3, H, W) -> features`` (for the feature cache).
 
     ``exporter``: ``torchscript`` (torch's tracing exporter), ``dynamo`` (its torch.export-based
     one) or ``auto``: tracing first, because it exported the test models 5-15x faster here
@@ -75,7 +78,7 @@ def to_onnx(net: Network, *, opset: int = OPSET, exporter: str = "auto") -> tupl
     """
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise HeadstartError(f"unknown ONNX exporter {exporter!r}: use auto, torchscript or dynamo")
-    model, x = _frozen_copy(net), example_input(net)
+    model, x = _frozen_copy(net, body_only), example_input(net)
     if exporter in ("auto", "torchscript"):
         try:
             return _onnx_by_tracing(model, x, opset), "torchscript"
@@ -108,9 +111,9 @@ def _onnx_by_dynamo(model: nn.Module, x: torch.Tensor, opset: int) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def to_torchscript(net: Network) -> bytes:
+def to_torchscript(net: Network, *, body_only: bool = False) -> bytes:
     """The bytes of a traced TorchScript module (``torch.jit.load`` reads them; no headstart needed)."""
-    model, x = _frozen_copy(net), example_input(net)
+    model, x = _frozen_copy(net, body_only), example_input(net)
     try:
         with _quiet(), torch.no_grad():
             # check_trace compares two traces' graphs and fails on harmless renumbering (ViT);
