@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Opset 18 (ONNX 1.13, 2022) is run by every ONNX Runtime since 1.14 and is the lowest opset the
 # newer torch.export-based exporter writes, so both exporters below give the same opset.
 OPSET = 18
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+INPUT_NAME, OUTPUT_NAME, FEATURES_NAME = "input", "logits", "features"
 
 
 class _Logits(nn.Module):
@@ -79,34 +79,34 @@ def to_onnx(net: Network, *, opset: int = OPSET, exporter: str = "auto",
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise HeadstartError(f"unknown ONNX exporter {exporter!r}: use auto, torchscript or dynamo")
     model, x = _frozen_copy(net, body_only), example_input(net)
+    output = FEATURES_NAME if body_only else OUTPUT_NAME
     if exporter in ("auto", "torchscript"):
         try:
-            return _onnx_by_tracing(model, x, opset), "torchscript"
+            return _onnx_by_tracing(model, x, opset, output), "torchscript"
         except Exception as e:  # noqa: BLE001 - any exporter failure means: try the other one
             if exporter == "torchscript":
                 raise HeadstartError(f"ONNX export of {net.name} failed: {_first_line(e)}") from None
             log.info("tracing ONNX exporter failed on %s (%s); trying torch.export", net.name, _first_line(e))
     try:
-        return _onnx_by_dynamo(model, x, opset), "dynamo"
+        return _onnx_by_dynamo(model, x, opset, output), "dynamo"
     except Exception as e:  # noqa: BLE001
         raise HeadstartError(f"ONNX export of {net.name} failed with both exporters: {_first_line(e)}. "
                              "Try --format torchscript or safetensors.") from None
 
 
-def _onnx_by_tracing(model: nn.Module, x: torch.Tensor, opset: int) -> bytes:
+def _onnx_by_tracing(model: nn.Module, x: torch.Tensor, opset: int, output: str) -> bytes:
     buf = io.BytesIO()
     with _quiet(), torch.no_grad():
         torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          output_names=[output], dynamic_axes={INPUT_NAME: {0: "batch"}, output: {0: "batch"}},
                           do_constant_folding=True)
     return buf.getvalue()
 
 
-def _onnx_by_dynamo(model: nn.Module, x: torch.Tensor, opset: int) -> bytes:
+def _onnx_by_dynamo(model: nn.Module, x: torch.Tensor, opset: int, output: str) -> bytes:
     with _quiet(), torch.no_grad():
         program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], verbose=False,
+                                    output_names=[output], verbose=False,
                                     dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
     return program.model_proto.SerializeToString()
 
