@@ -2,7 +2,8 @@
 
 For MobileNetV2 (torchvision ``IMAGENET1K_V1``) and EfficientNet-Lite0 (timm, packaged ImageNet
 weights), each given a 10-class head trained by headstart on clothing-small's training split
-(the frozen body's features are cached, 5 head epochs: a real model of the kind users export),
+(1,000 of its 3,068 images, class-stratified; the frozen body's features are cached, 5 head
+epochs: a real model of the kind users export),
 at 224 px on this CPU:
 
 1. ``headstart export RUN --format onnx --int8`` (the product path) quantises it statically
@@ -12,11 +13,14 @@ at 224 px on this CPU:
    (traced), ORT fp32 and ORT int8 (the exported file). Contenders alternate inside each round
    (their order rotates), so a drift of the machine's speed hits all of them alike; each reports
    its median images/s and the median of its per-round ratio to torch eager.
-3. ``--body``: the same for the frozen body alone (feature extraction, item 6 of the issue).
+3. ``--body``: the same for the frozen body alone, and feature extraction end to end as the
+   cache runs it (``training.cache.extract`` over 512 training images: decoding, resizing, the
+   body, writing) with PyTorch against ``headstart.deploy.features.fast_body`` (item 6).
 
 One JSON line per model and batch size (and one per model for the accuracy) on stdout::
 
     flock /tmp/headstart-cpu.lock python bench/infer.py            # both models, batches 1 and 32
+    flock /tmp/headstart-cpu.lock python bench/infer.py --body     # and the frozen body, extraction
     flock /tmp/headstart-cpu.lock python bench/infer.py --quick    # mobilenet_v2, fewer rounds
 """
 
@@ -63,6 +67,7 @@ def train_run(name: str, weights: str, data: Path, args: Any) -> Path:
     cfg = hs.RunConfig()
     cfg.model.name, cfg.model.weights, cfg.data.source = name, weights, str(data)
     cfg.train.epochs, cfg.train.finetune_epochs, cfg.train.progress = 5, 0, False
+    cfg.data.limit_train = args.limit_train  # a class-stratified subset keeps the torch extraction short
     cfg.output, cfg.name, cfg.report, cfg.tensorboard = str(out), run.name, False, False
     cfg.cache.dir = str(Path(args.work_dir) / "infer-cache")
     common.log(f"training a head for {name} on {data}")
@@ -152,12 +157,48 @@ def accuracy_line(model: str, export: Path) -> dict[str, Any]:
             "top1_change_points": round(100 * (meta["evaluation"]["export_top1"] - meta["evaluation"]["top1"]), 2)}
 
 
+def extraction_line(name: str, run: Path, data: Path, args: Any) -> dict[str, Any]:
+    """End to end feature extraction (decode, resize, body, write) as the cache does it: torch vs fast_body."""
+    import tempfile
+
+    import torch
+
+    from headstart.data import build_transform, folder_dataset
+    from headstart.deploy.features import fast_body
+    from headstart.models import load_network
+    from headstart.training.cache import extract
+
+    net, _ = load_network(run / "best.pt")
+    ds = folder_dataset(data / "train")
+    ds = ds.subset(np.linspace(0, len(ds) - 1, args.extract_images).round().astype(int).tolist())
+    ds.transform = build_transform(net.preprocessing, train=False, augment=False)
+    times: dict[str, list[float]] = {"torch": [], "fast_body": []}
+    engine = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.extract_rounds):
+            for n in (["torch", "fast_body"] if r % 2 == 0 else ["fast_body", "torch"]):
+                runner = fast_body(net) if n == "fast_body" else None
+                t = time.perf_counter()
+                extract(net, ds, Path(tmp) / f"{n}.npy", batch_size=64, device=torch.device("cpu"), view_seed=None,
+                        progress=False, desc=n, run=runner)
+                times[n].append(time.perf_counter() - t)
+                engine = runner.engine if runner is not None else engine
+        a, b = np.load(Path(tmp) / "torch.npy"), np.load(Path(tmp) / "fast_body.npy")
+    return {"benchmark": "infer", "model": name, "part": "feature_extraction_end_to_end", "images": len(ds),
+            "engine_chosen": engine, "max_abs_feature_diff": float(np.abs(a - b).max()),
+            "seconds_median": {n: round(statistics.median(t), 2) for n, t in times.items()},
+            "speedup": round(statistics.median(x / y for x, y in zip(times["torch"], times["fast_body"])), 2)}
+
+
 def main() -> None:
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: both)")
     p.add_argument("--batches", default="1,32")
-    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--body", action="store_true", help="also time the frozen body alone (feature extraction)")
+    p.add_argument("--limit-train", type=int, default=1000, help="training images for the head (default 1000)")
+    p.add_argument("--extract-images", type=int, default=512, help="images for the end-to-end extraction timing")
+    p.add_argument("--extract-rounds", type=int, default=2)
     p.add_argument("--retrain", action="store_true", help="train the heads again even if the runs exist")
     args = p.parse_args()
     if args.quick:
@@ -179,6 +220,8 @@ def main() -> None:
                 calls = 16 if batch == 1 else 1
                 common.log(f"{name} {part} batch {batch}: {args.rounds} rounds x {calls} call(s)")
                 common.emit(speed_line(name, part, batch, time_round_robin(fns, x_all[:batch], args.rounds, calls)))
+        if args.body:
+            common.emit(extraction_line(name, run, data, args))
 
 
 if __name__ == "__main__":
