@@ -89,7 +89,8 @@ def _metrics(summary: dict[str, Any], evaluation: dict[str, Any] | None, meta: d
         exported = evaluation.get("export_top1")
         n = sum(r["support"] for r in evaluation["per_class"])
         what = f"{meta.get('model_format')}{' int8' if meta.get('precision') == 'int8' else ''}"
-        lines += ["" if len(lines) > 2 else "", f"Measured at export time on {n} validation images: the PyTorch "
+        where = (meta.get("verification") or {}).get("inputs", "the validation split")
+        lines += ["", f"Measured at export time on {n} labelled images ({where}): the PyTorch "
                   f"model top-1 **{evaluation['top1']:.2%}**"
                   + (f", this {what} file **{exported:.2%}**" if exported is not None else "")
                   + ".", "", "| class | precision | recall | F1 | images |", "| --- | ---: | ---: | ---: | ---: |"]

@@ -96,7 +96,8 @@ def _remap(ds: Any, classes: list[str]) -> None:
 
 def _as_samples(ds: Any, ckpt: dict[str, Any], limit: int | None, inputs: str) -> Samples:
     """Prepared images of ``ds``, at most ``limit`` of them spread evenly over it (it is sorted by class)."""
-    _remap(ds, list(ckpt["classes"])) if list(ds.classes) != list(ckpt["classes"]) else None
+    if list(ds.classes) != list(ckpt["classes"]):
+        _remap(ds, list(ckpt["classes"]))
     n = len(ds)
     if n == 0:
         raise HeadstartError(f"no images in {inputs}")
