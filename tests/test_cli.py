@@ -398,6 +398,8 @@ def test_predict_formats(pets_run, pets, capsys):
 
     assert main(["predict", ckpt, str(pets / "fox"), "--top-k", "2", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("file") and "top classes" in lines[0]  # the table has a header row
+    lines = lines[1:]
     assert len(lines) == 8
     assert all(len(re.findall(r"\b(cat|dog|fox) \d+\.\d%", line)) == 2 for line in lines)
 
@@ -410,12 +412,16 @@ def test_predict_top_k_is_capped_at_the_class_count(pets_run, pets, capsys):
     assert sum(t["probability"] for t in result["top"]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_predict_corrupt_image_exits_2(pets_run, pets, tmp_path, capsys):
+def test_predict_skips_a_corrupt_image_and_strict_exits_2(pets_run, pets, tmp_path, capsys):
     folder = tmp_path / "mixed"
     folder.mkdir()
     (folder / "good.png").write_bytes((pets / "cat" / "cat_0.png").read_bytes())
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
-    assert main(["predict", str(pets_run / "best.pt"), str(folder), "--device", "cpu"]) == 2
+    assert main(["predict", str(pets_run / "best.pt"), str(folder), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "good.png" in out and "broken.png" not in out
+    assert "skipped" in err and "broken.png" in err and "1 unreadable image(s) skipped, 1 predicted" in err
+    assert main(["predict", str(pets_run / "best.pt"), str(folder), "--device", "cpu", "--strict"]) == 2
     assert_user_error(2, capsys.readouterr().err, "broken.png")
 
 

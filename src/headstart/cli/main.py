@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--format", choices=["table", "json", "csv"], default="table")
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--strict", action="store_true", help="an unreadable image is an error (default: skip it, list it)")
 
     w = sub.add_parser("weights", help="manage pretrained weights files for offline use")
     wsub = w.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
@@ -157,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="show or remove cached features")
     c.add_argument("action", choices=["info", "clear"])
     c.add_argument("--dir", help="cache folder (default: $HEADSTART_CACHE or ~/.cache/headstart/features)")
+
+    # Commands defined beside what they run: each module gives add_*_parser(sub) and run_*(args).
+    from headstart.deploy.commands import add_export_parser
+    from headstart.deploy.serve_cli import add_serve_parser
+
+    add_export_parser(sub)
+    add_serve_parser(sub)
     return p
 
 
@@ -188,11 +196,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = list_backbones(args.pattern)
     if not rows:
         raise HeadstartError(f"no model matches {args.pattern!r}; run `headstart models` for the full list")
-    print(f"{'model':<24} {'parameters':>14}  {'input':>5}  {'source':<24} weights")
+    width = max(24, *(len(r.name) for r in rows))
+    print(f"{'model':<{width}} {'parameters':>14}  {'input':>5}  {'source':<12} {'offline':<7}  weights")
     for r in rows:
         params = f"{r.params:,}" if r.params else "?"
-        print(f"{r.name:<24} {params:>14}  {r.input_size:>5}  {r.source:<24} {', '.join(r.weights)}")
-    print(f"\n{len(rows)} model(s)")
+        offline = "yes" if r.offline else "-"
+        print(f"{r.name:<{width}} {params:>14}  {r.input_size:>5}  {r.source:<12} {offline:<7}  {', '.join(r.weights)}")
+    here = sum(r.offline for r in rows)
+    print(f"\n{len(rows)} model(s); {here} with pretrained weights on this machine (offline: yes)")
     return 0
 
 
@@ -223,11 +234,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from headstart.deploy.commands import evaluate_export, is_export
     from headstart.evaluation.metrics import format_report
     from headstart.jobs.evaluate import evaluate_checkpoint
 
-    report = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
-                                 tta=args.tta, device=args.device, strict=args.strict)
+    run = evaluate_export if is_export(args.checkpoint) else evaluate_checkpoint
+    report = run(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+                 tta=args.tta, device=args.device, strict=args.strict)
     print(format_report(report))
     out = Path(args.output) if args.output else _default_eval_dir(args.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,9 +260,18 @@ def _default_eval_dir(ckpt: str) -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from headstart.jobs.predict import predict
+    from headstart.deploy.commands import is_export, predict_export
+    from headstart.jobs.predict import Predictions, predict
 
-    results = predict(args.checkpoint, args.inputs, top_k=args.top_k, device=args.device)
+    if is_export(args.checkpoint):
+        results = Predictions(predict_export(args.checkpoint, args.inputs, top_k=args.top_k, device=args.device))
+    else:
+        results = predict(args.checkpoint, args.inputs, top_k=args.top_k, device=args.device, strict=args.strict)
+    for _, why in results.unreadable:
+        print(f"headstart: skipped: {why}", file=sys.stderr)
+    if results.unreadable:
+        print(f"headstart: {len(results.unreadable)} unreadable image(s) skipped, {len(results)} predicted",
+              file=sys.stderr)
     if args.format == "json":
         print(json.dumps(results, indent=2))
     elif args.format == "csv":
@@ -261,7 +283,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 w.writerow([r["file"], k, t["class"], f"{t['probability']:.6f}"])
         print(buf.getvalue(), end="")
     else:
-        width = max(len(r["file"]) for r in results)
+        width = max(len("file"), *(len(r["file"]) for r in results))
+        print(f"{'file':<{width}}  top classes (probability)")
         for r in results:
             tops = "  ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
             print(f"{r['file']:<{width}}  {tops}")
@@ -321,10 +344,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    from headstart.deploy.commands import run_export
+
+    return run_export(args)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from headstart.deploy.serve_cli import run_serve
+
+    return run_serve(args)
+
+
 COMMANDS = {"models": cmd_models, "inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval,
             "predict": cmd_predict, "weights": cmd_weights,
             "cache": cmd_cache, "lr-find": cmd_lr_find,
-            "report": cmd_report}
+            "report": cmd_report, "export": _run_export, "serve": _run_serve}
+
 
 
 def main(argv: Sequence[str] | None = None) -> int:
