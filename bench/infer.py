@@ -78,8 +78,6 @@ def train_run(name: str, weights: str, data: Path, args: Any) -> Path:
 def contenders(run: Path, export: Path, body: bool,
                calibration: list[np.ndarray]) -> dict[str, Callable[[np.ndarray], Any]]:
     """torch eager, TorchScript, ORT fp32 and ORT int8 functions of the run's model (or of its body alone)."""
-    import torch
-
     from headstart.deploy import convert
     from headstart.deploy.quantize import quantize_static
     from headstart.deploy.runtime import onnx_runner, torchscript_runner
@@ -87,7 +85,6 @@ def contenders(run: Path, export: Path, body: bool,
 
     net, _ = load_network(run / "best.pt")
     net.eval()
-    torch.set_grad_enabled(False)
     if body:  # the frozen body alone: what the feature cache runs
         fp32 = convert.to_onnx(net, body_only=True)[0]
         return {"torch": _eager(net.features),

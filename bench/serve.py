@@ -92,10 +92,7 @@ def make_checkpoint(work: Path) -> Path:
 
     import headstart as hs
 
-    try:  # the layered layout (issue 9)
-        from headstart.models import model_record
-    except ImportError:
-        from headstart.checkpoint import model_record
+    from headstart.models import model_record
 
     path = work / "mobilenet_v2-imagenet1k.pt"
     if not path.is_file():

@@ -40,10 +40,7 @@ pytest.importorskip("uvicorn")
 from headstart.deploy.batching import MicroBatcher  # noqa: E402
 from headstart.deploy.runtime import open_predictor  # noqa: E402
 
-try:  # the layered layout (issue 9)
-    from headstart.models import model_record
-except ImportError:
-    from headstart.checkpoint import model_record
+from headstart.models import model_record
 
 CLASSES = ["cat", "dog", "fox"]
 LIMIT_FLAGS = ["--max-upload-mb", "0.25", "--max-pixels", "250000", "--max-images", "4", "--read-timeout", "2"]

@@ -22,8 +22,6 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 # Phone photos in MPO (multi-picture JPEG) open through the JPEG plugin.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "ICO")
 
@@ -121,12 +119,14 @@ async def _read(request: Any, limits: Limits) -> list[tuple[str, bytes]]:
     return files
 
 
-def decode_image(data: bytes, name: str, limits: Limits) -> Image.Image:
+def decode_image(data: bytes, name: str, limits: Limits) -> Any:
     """Decode one uploaded file to an 8-bit RGB PIL image (EXIF orientation applied), safely.
 
     Raises :class:`BadInput`: 400 for an empty file, 415 for something that is not an image,
     413 for too many pixels, 422 for a truncated or corrupt image.
     """
+    from PIL import Image, ImageOps, UnidentifiedImageError  # here: `headstart --help` needs no PIL
+
     from ..data import to_rgb  # headstart's one conversion of every PIL mode to RGB
 
     if not data:
