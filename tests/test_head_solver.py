@@ -127,6 +127,16 @@ def test_float16_input_is_solved_in_float32():
     assert torch.equal(from_numpy.weight, as_float.weight) and torch.equal(from_torch.weight, as_float.weight)
 
 
+def test_reads_a_read_only_memory_map_like_the_feature_cache(tmp_path):
+    x, y = blobs(90, 6, 3, spread=0.5, seed=12)
+    np.save(tmp_path / "features.npy", x)
+    mapped = np.load(tmp_path / "features.npy", mmap_mode="r")  # how training.cache stores features
+    from_map = solve_linear(mapped, y)
+    assert torch.equal(from_map.weight, solve_linear(x, y).weight)
+    head = nn.Sequential(nn.Linear(6, 3))
+    assert torch.equal(final_layer_inputs(head, "0", mapped), torch.as_tensor(x))
+
+
 def test_views_of_one_image_stay_in_one_fold():
     # Random labels, each image seen twice (an identical "augmented view"): without groups a fold
     # holds out rows whose twins it trained on, and memorising looks like skill.

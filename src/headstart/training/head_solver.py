@@ -110,6 +110,13 @@ def stratified_folds(targets: Sequence[int] | np.ndarray, folds: int, seed: int 
     return out, notes
 
 
+def _float_rows(a: Any) -> torch.Tensor:
+    """float32 rows from a tensor or an array-like, copied: a cached read-only memmap included."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().float()
+    return torch.from_numpy(np.array(a, dtype=np.float32))
+
+
 def _fold_rows(y: np.ndarray, folds: int, seed: int, groups: Any) -> tuple[np.ndarray, list[str]]:
     """Folds per row; with ``groups`` the groups are dealt out (stratified by their first row's class)."""
     if groups is None:
@@ -236,7 +243,7 @@ def solve_linear(
     start = time.perf_counter()
     if select not in ("accuracy", "loss"):
         raise HeadstartError(f"unknown selection {select!r}: use accuracy or loss")
-    x = torch.as_tensor(np.asarray(features)).float()
+    x = _float_rows(features)
     y_np = np.asarray(targets).astype(np.int64).reshape(-1)
     if x.ndim != 2 or len(x) != len(y_np):
         raise HeadstartError(f"features must be (rows, dims) with one target per row; got {tuple(x.shape)} "
@@ -321,11 +328,10 @@ def final_layer_inputs(head: nn.Module, final: str, features: Any, batch_size: i
     was_training = head.training
     head.eval()
     try:
-        x = torch.as_tensor(np.asarray(features)) if not isinstance(features, torch.Tensor) else features
         param = next(head.parameters(), None)
-        for i in range(0, len(x), batch_size):
-            chunk = x[i:i + batch_size]
-            head(chunk.to(param) if param is not None else chunk.float())
+        for i in range(0, len(features), batch_size):
+            chunk = _float_rows(features[i:i + batch_size])
+            head(chunk.to(param) if param is not None else chunk)
     finally:
         hook.remove()
         head.train(was_training)
