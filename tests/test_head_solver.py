@@ -46,6 +46,15 @@ def test_converges_on_separable_data_and_fills_a_linear_layer():
     assert "CV accuracy 100.00%" in r.summary()
 
 
+def test_features_far_from_zero_are_standardised_without_cancellation():
+    # float32 holds 1e4 + x to about 1e-3: the same problem up to that rounding, the same choice.
+    x, y = blobs(240, 10, 3, spread=1.5, seed=16)
+    near, far = solve_linear(x, y, folds=4), solve_linear(x + 1e4, y, folds=4)
+    assert far.weight_decay == near.weight_decay
+    assert abs(accuracy(far, x + 1e4, y) - accuracy(near, x, y)) < 0.01
+    assert accuracy(near, x, y) > 0.8
+
+
 def test_validation_labels_never_reach_the_choice():
     xa, ya = blobs(400, 20, 4, spread=1.0, seed=1)
     x, y, xv, yv = xa[:300], ya[:300], xa[300:], ya[300:]  # train, and a separate "validation" split

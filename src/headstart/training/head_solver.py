@@ -58,7 +58,8 @@ class SolveResult:
 
     ``weight`` (classes, features) and ``bias`` (classes,) apply to the raw features, as an
     ``nn.Linear`` would; ``weight_decay`` is the chosen L2 strength; ``cv_score`` / ``cv_loss`` the
-    held-out accuracy / cross-entropy at it, averaged over all rows of all folds; ``scores`` and
+    held-out accuracy / cross-entropy at it, averaged over all rows of all folds (weighted by the
+    class weights when there are any); ``scores`` and
     ``losses`` hold them for every value tried, in the order tried.
     """
 
@@ -154,11 +155,16 @@ class _Columns:
         self.x, self.y, self.c, self.smoothing = x, y, c, smoothing
         fold = torch.as_tensor(fold_of)
         member = torch.stack([fold != j for j in range(folds)] + [torch.ones_like(fold, dtype=torch.bool)])
-        self.held_out = ~member[:folds]  # (k, N)
+        # Held-out rows count with their class weight too: with class weights the choice follows
+        # the weighted (class-balanced) loss the fit itself minimises.
+        self.held_out = (~member[:folds]).to(x.dtype).T * row_weight[:, None]  # (N, k)
         m = member.to(x.dtype)  # (k+1, N)
         counts = m.sum(1, keepdim=True)
-        self.mu = (m @ x) / counts  # (k+1, D)
-        sd = ((m @ (x * x)) / counts - self.mu**2).clamp_min(0).sqrt()
+        centre = x.mean(0)  # moments about the overall mean: no cancellation for offset features
+        xc = x - centre
+        mu_c = (m @ xc) / counts  # (k+1, D)
+        sd = ((m @ (xc * xc)) / counts - mu_c**2).clamp_min(0).sqrt()
+        self.mu = mu_c + centre
         # A feature constant on a column's training rows (a dead ReLU channel) carries nothing it
         # could learn from; an infinite scale gives it weight 0 instead of 1/0 on held-out rows.
         tiny = 1e-5 * float(x.abs().max().clamp_min(1e-12))
@@ -206,11 +212,11 @@ class _Columns:
     def held_out_scores(self, W: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
         """(accuracy, mean cross-entropy) of each fold's model on its held-out rows, over all rows."""
         z = self.logits(W, b)[:, :-1]  # (N, k, C): the all-rows column has no held-out part
-        mask = self.held_out.T  # (N, k)
+        w = self.held_out  # (N, k): row j of fold f counts (with its class weight) where f holds it out
         nll = (torch.logsumexp(z, 2) - z.gather(2, self.y.view(-1, 1, 1).expand(-1, z.shape[1], 1)).squeeze(2))
         right = (z.argmax(2) == self.y[:, None]).to(z.dtype)
-        n = float(mask.sum())
-        return float((right * mask).sum()) / n, float((nll * mask).sum()) / n
+        n = float(w.sum())
+        return float((right * w).sum()) / n, float((nll * w).sum()) / n
 
 
 def solve_linear(
