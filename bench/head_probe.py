@@ -228,7 +228,7 @@ def c_lbfgs(s, key, **kw):
         x = np.concatenate([x] + s["views"][:kw["views"]])
         y = np.concatenate([y] * (kw["views"] + 1))
         groups = np.tile(np.arange(len(s["ytr"])), kw["views"] + 1)
-    opts = {k: v for k, v in kw.items() if k in ("folds", "grid", "select", "patience", "max_iter", "tol")}
+    opts = {k: v for k, v in kw.items() if k in ("folds", "grid", "select", "patience", "max_iter", "tol", "scaling")}
     cw = _class_weights(y, c) if kw.get("cw") else None
     r = solver.solve_linear(x, y, num_classes=c, class_weights=cw, label_smoothing=kw.get("ls", 0.0),
                             groups=groups, **opts)
@@ -316,6 +316,8 @@ CONTENDERS = {
     "sklearn_lr": (c_sklearn, {}),
     "lbfgs": (c_lbfgs, {}),
     "lbfgs_acc": (c_lbfgs, {"select": "accuracy"}),
+    "lbfgs_global": (c_lbfgs, {"scaling": "global"}),
+    "lbfgs_global_views2": (c_lbfgs, {"scaling": "global", "views": 2}),
     "lbfgs_tol1e-4": (c_lbfgs, {"tol": 1e-4, "max_iter": 100}),
     "lbfgs_f3": (c_lbfgs, {"folds": 3}),
     "lbfgs_fullgrid": (c_lbfgs, {"patience": None}),
@@ -449,7 +451,7 @@ def scale(args: argparse.Namespace) -> None:
         data["jittered"] = (xs[pick] * (1 + 0.1 * rng.normal(size=(n, d)).astype(np.float32)), ys[pick])
     rows = []
     for name, (x, yy) in data.items():
-        for opts in ({}, {"folds": 3}, {"tol": 3e-3}):
+        for opts in ({}, {"scaling": "global"}, {"folds": 3}, {"tol": 3e-3}):
             r = solver.solve_linear(x, yy, **opts)
             rows.append({"data": name, "rows": n, "dims": d, "options": opts, "seconds": round(r.seconds, 2),
                          "evaluations": r.evaluations, "values_tried": len(r.scores), "chosen": r.weight_decay,

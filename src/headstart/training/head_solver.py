@@ -151,7 +151,7 @@ class _Columns:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, c: int, fold_of: np.ndarray, folds: int,
-                 row_weight: torch.Tensor, smoothing: float) -> None:
+                 row_weight: torch.Tensor, smoothing: float, scaling: str = "feature") -> None:
         self.x, self.y, self.c, self.smoothing = x, y, c, smoothing
         fold = torch.as_tensor(fold_of)
         member = torch.stack([fold != j for j in range(folds)] + [torch.ones_like(fold, dtype=torch.bool)])
@@ -168,7 +168,11 @@ class _Columns:
         # A feature constant on a column's training rows (a dead ReLU channel) carries nothing it
         # could learn from; an infinite scale gives it weight 0 instead of 1/0 on held-out rows.
         tiny = 1e-5 * float(x.abs().max().clamp_min(1e-12))
-        self.sd = torch.where(sd > tiny, sd, torch.full_like(sd, math.inf))
+        live = sd > tiny
+        if scaling == "global":  # one scale for all features (their root-mean-square deviation)
+            rms = ((sd * live) ** 2).sum(1, keepdim=True) / live.sum(1, keepdim=True).clamp_min(1)
+            sd = rms.sqrt().expand_as(sd)
+        self.sd = torch.where(live, sd, torch.full_like(sd, math.inf))
         w = m * row_weight[None, :]
         self.row_w = (w / w.sum(1, keepdim=True)).T.contiguous()  # (N, k+1): weighted mean per column
         self.cols = folds + 1
@@ -234,6 +238,7 @@ def solve_linear(
     patience: int | None = 3,
     max_iter: int = 50,
     tol: float = 1e-3,
+    scaling: str = "feature",
 ) -> SolveResult:
     """Fit a softmax classifier on ``features`` (N, D) by L-BFGS, its L2 strength chosen by k-fold CV.
 
@@ -249,6 +254,8 @@ def solve_linear(
     start = time.perf_counter()
     if select not in ("accuracy", "loss"):
         raise HeadstartError(f"unknown selection {select!r}: use accuracy or loss")
+    if scaling not in ("feature", "global"):
+        raise HeadstartError(f"unknown scaling {scaling!r}: use feature or global")
     x = _float_rows(features)
     y_np = np.asarray(targets).astype(np.int64).reshape(-1)
     if x.ndim != 2 or len(x) != len(y_np):
@@ -263,7 +270,7 @@ def solve_linear(
     fold_of, fold_notes = _fold_rows(y_np, folds, seed, groups)
     y = torch.as_tensor(y_np)
     cw = torch.ones(c) if class_weights is None else torch.as_tensor(np.asarray(class_weights), dtype=torch.float32)
-    cols = _Columns(x, y, c, fold_of, folds, cw[y], label_smoothing)
+    cols = _Columns(x, y, c, fold_of, folds, cw[y], label_smoothing, scaling)
     W, b = torch.zeros(cols.cols, x.shape[1], c), torch.zeros(cols.cols, c)
     path = _walk(cols, sorted({float(v) for v in grid}, reverse=True), W, b, select, patience, max_iter, tol)
     chosen = _choose(path, select)
