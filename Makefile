@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/headstart train --finetune-epochs 3
+	@echo "headstart lives in $(VENV): run 'source $(VENV)/bin/activate' (then 'headstart models', ...) or call $(VENV)/bin/headstart"
 
 # The report test renders HTML in Debian's headless Chromium; install it when we can (root).
 browser:
