@@ -111,7 +111,6 @@ def test_the_same_file_is_never_in_both_train_and_val(tmp_path):
     assert not (counts["train"]["dog"] and counts["val"]["dog"]), counts
 
 
-@xfail("2. two runs started together with one --name share one folder")
 def test_two_runs_started_together_with_one_name_get_their_own_folders(tmp_path):
     data = make_folder(tmp_path / "data")
     out = tmp_path / "D"
@@ -142,7 +141,6 @@ def test_non_finite_loss_stops_the_run_and_saves_no_nan_weights(tmp_path):
         assert checkpoint_tensors_finite(pt), f"{pt.name} holds non-finite weights"
 
 
-@xfail("4. --epochs 0 says 'model saved to .../best.pt' and no best.pt exists")
 def test_a_run_that_trained_nothing_says_so(tmp_path):
     data = make_folder(tmp_path / "data")
     r = train(tmp_path, data, epochs=0)
@@ -226,7 +224,6 @@ def predict_folder(tmp: Path, trained: dict, good: int, *bad: str) -> Path:
     return folder
 
 
-@xfail("6. predict over 3 good + 3 unreadable files predicts nothing and names only the first")
 def test_predict_classifies_the_readable_files_and_lists_the_others(tmp_path, trained):
     import json
 
@@ -239,7 +236,6 @@ def test_predict_classifies_the_readable_files_and_lists_the_others(tmp_path, tr
     assert "3" in r.err, f"the count of unreadable files should be given:\n{r}"
 
 
-@xfail("6. predict has no --strict to make unreadable files an error")
 def test_predict_strict_refuses_unreadable_files_in_one_line(tmp_path, trained):
     folder = predict_folder(tmp_path, trained, 3, "corrupt", "empty", "truncated")
     r = run_cli(["predict", trained["ckpt"], folder, "--strict", "--device", "cpu"], cwd=tmp_path)
@@ -332,8 +328,11 @@ def read_only(tmp_path):
         yield path
 
 
-@pytest.mark.parametrize("where", ["train --output", "train --cache-dir", "eval --output"])
-@xfail("a read-only --output, --cache-dir or eval --output gives a traceback")
+@pytest.mark.parametrize("where", [
+    "train --output",
+    pytest.param("train --cache-dir", marks=xfail("a read-only --cache-dir gives a traceback")),
+    pytest.param("eval --output", marks=xfail("a read-only eval --output gives a traceback")),
+])
 def test_a_read_only_folder_is_one_line(tmp_path, trained, read_only, where):
     if where == "eval --output":
         args = ["eval", trained["ckpt"], "--data", trained["data"], "--output", read_only, "--device", "cpu"]
@@ -421,7 +420,6 @@ def state_dict_file(tmp: Path, model: torch.nn.Module) -> str:
     return str(path)
 
 
-@xfail("a MNASNet state-dict file as --weights: 'version should be set to 1 or 2' with a traceback")
 def test_a_mnasnet_state_dict_file_loads_as_weights(tmp_path):
     from torchvision.models import mnasnet0_5
 
@@ -431,7 +429,6 @@ def test_a_mnasnet_state_dict_file_loads_as_weights(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["googlenet", pytest.param("inception_v3", marks=pytest.mark.slow)])
-@xfail("a GoogLeNet / Inception v3 state dict without its aux heads (torchvision's pretrained layout) is refused")
 def test_a_state_dict_without_aux_heads_loads_as_weights(tmp_path, name):
     from torchvision import models
 
@@ -452,7 +449,6 @@ class RunsCode:
 
 
 @pytest.mark.parametrize("path", ["--weights", "predict CHECKPOINT"])
-@xfail("a file with code in its pickle: torch's weights_only=False advice is shown (6 lines for --weights)")
 def test_a_file_with_code_in_its_pickle_is_refused_in_one_line(tmp_path, trained, path):
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.pth"

@@ -39,7 +39,6 @@ pytest.importorskip("uvicorn")
 
 from headstart.deploy.batching import MicroBatcher  # noqa: E402
 from headstart.deploy.runtime import open_predictor  # noqa: E402
-
 from headstart.models import model_record
 
 CLASSES = ["cat", "dog", "fox"]

@@ -122,7 +122,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     _tensorboard_final(run, cfg, result)
     run.close()
     if not result.history:  # every stage had 0 epochs: no checkpoint was written
-        say(f"\nnothing was trained: every stage has 0 epochs, so no model was saved ({run.path} holds "
+        say(f"\nnothing was trained: every stage has 0 epochs, so there is no model ({run.path} holds "
             "only the config); give --epochs or --finetune-epochs a positive number")
         return result
     say(f"\nfinal validation accuracy {result.final.top1:.2%} (best {result.best_accuracy:.2%}); "

@@ -9,6 +9,7 @@ into place, so a crash never leaves a torn file behind.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ def read(path: str | Path) -> dict[str, Any]:
         raise HeadstartError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise HeadstartError(
+            f"{path} holds code or Python objects that headstart will not load: it is not a headstart "
+            "checkpoint (those hold only tensors and plain data)") from None
     except Exception as e:  # noqa: BLE001 - a torn or foreign file, whatever the reason
         # torch's own message runs to many lines and suggests weights_only=False, which would be
         # unsafe advice for a file of unknown origin; keep its first line.
