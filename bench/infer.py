@@ -70,9 +70,12 @@ def train_run(name: str, weights: str, data: Path, args: Any) -> Path:
     cfg.data.limit_train = args.limit_train  # a class-stratified subset keeps the torch extraction short
     cfg.output, cfg.name, cfg.report, cfg.tensorboard = str(out), run.name, False, False
     cfg.cache.dir = str(Path(args.work_dir) / "infer-cache")
+    if run.exists():  # a run interrupted before best.pt: start it afresh under the same name
+        import shutil
+
+        shutil.rmtree(run)
     common.log(f"training a head for {name} on {data}")
-    hs.train(cfg, say=common.log)
-    return run
+    return Path(hs.train(cfg, say=common.log).run_dir)
 
 
 def contenders(run: Path, export: Path, body: bool,
