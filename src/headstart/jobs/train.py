@@ -98,6 +98,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     if not w.main:
         say = _silent
     if state is not None:
+        net, data = _rebuild_for_resume(cfg, state)  # refuses data whose classes changed
         finished = _finished_result(resume, cfg, state)
         if finished is not None:
             say(f"{resume} has finished all its {len(finished.history)} epoch(s): nothing left to train; "
@@ -106,7 +107,6 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
         run = RunDir(resume, tensorboard=w.main and cfg.tensorboard)
         if w.main:
             run.truncate_history(len(state["train_state"]["history"]))
-        net, data = _rebuild_for_resume(cfg, state)
         say(f"resuming {run.path} after epoch {state['train_state']['global_epoch']}: {net.name} "
             f"(weights {cfg.model.weights}, restored from the checkpoint), {data.source}")
     else:

@@ -57,10 +57,13 @@ def read(path: str | Path) -> dict[str, Any]:
         raise HeadstartError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise HeadstartError(f"cannot read checkpoint {path}: not a readable headstart checkpoint (truncated, "
+                                 "corrupt or not a torch file)") from None
         raise HeadstartError(
-            f"{path} holds code or Python objects that headstart will not load: it is not a headstart "
-            "checkpoint (those hold only tensors and plain data)") from None
+            f"cannot read checkpoint {path}: it holds code or Python objects that headstart will not load (a "
+            "headstart checkpoint holds only tensors and plain data)") from None
     except Exception as e:  # noqa: BLE001 - a torn or foreign file, whatever the reason
         # torch's own message runs to many lines and suggests weights_only=False, which would be
         # unsafe advice for a file of unknown origin; keep its first line.

@@ -335,11 +335,14 @@ def read_state_file(path: Path) -> dict[str, torch.Tensor]:
             state: Any = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise HeadstartError(
+                f"cannot read weights file {path} (truncated, corrupt or not a weights file)") from None
         # torch's own message runs to many lines and advises weights_only=False, which would run
         # whatever code the file holds.
         raise HeadstartError(
-            f"weights file {path} holds code or Python objects that headstart will not load; save a plain "
+            f"cannot read weights file {path}: it holds code or Python objects that headstart will not load; save a plain "
             "state dict instead: torch.save(model.state_dict(), path), or safetensors.torch.save_file") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
