@@ -4,6 +4,11 @@ A run is described by :class:`RunConfig`, a tree of small dataclasses. A YAML fi
 (``--config run.yaml``), command-line flags override single fields, and the resolved tree is saved
 beside every run (``config.yaml``) and inside every checkpoint, so a run can always be repeated.
 
+Each field is declared once, with :func:`setting`: its default, its help text, its flag and the
+values it accepts. The CLI's flags, the YAML keys and the ``--set key=value`` paths are all
+generated from these declarations (:func:`settings`), and :func:`validate` checks a tree against
+them, so adding a field with its help is all it takes to get a flag, a YAML key and a check.
+
 Example::
 
     >>> cfg = RunConfig()
@@ -15,6 +20,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,168 +32,180 @@ import yaml
 
 from headstart.errors import HeadstartError
 
+# long module: the declarations of all ~70 settings are most of it, and they belong in one place
+# (one declaration per setting); below them, the code that lists, converts and checks them.
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = "",  # noqa: A002
+            factory: Any = dataclasses.MISSING, choices: tuple[str, ...] = (), shown: str = "",
+            at_least: float | None = None, above: float | None = None, at_most: float | None = None,
+            below: float | None = None, on_resume: bool = False) -> Any:
+    """A config field with everything the CLI, the YAML schema and :func:`validate` need.
+
+    ``flag``: the command-line flag; ``""`` derives it from the field name (``batch_size`` ->
+    ``--batch-size``; a boolean that defaults to true gets ``--no-...``); None gives no flag (the
+    YAML key and ``--set`` still work). ``choices``: the words a text value may take (for a
+    ``float | str`` field, the words allowed besides numbers, e.g. ``auto``). ``shown``: the
+    default as ``--help`` words it (needed when the default is None). The bounds apply to numbers
+    and to each number of a list or mapping; numbers must also be finite. ``on_resume``: may be
+    changed when a run resumes.
+    """
+    meta = {"help": help, "flag": flag, "choices": tuple(choices), "shown": shown, "on_resume": on_resume,
+            "bounds": (at_least, above, at_most, below)}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class ModelConfig:
     """Which backbone to load, with which weights, at which input size."""
 
-    # A torchvision classification model name (``headstart models`` lists them) or a packaged
-    # extra such as ``tf_efficientnet_lite0``.
-    name: str = "mobilenet_v2"
-    # ``DEFAULT``, a named weights entry (``IMAGENET1K_V1``), ``none`` for random weights, or a
-    # path to a local state-dict file (.pth, .pt, .safetensors).
-    weights: str = "DEFAULT"
-    # Square input size fed to the network; None means the weights' own crop size (64 px for
-    # the 8x8 digits, where 224 px would cost 12x the compute for nothing).
-    input_size: int | None = None
+    name: str = setting("mobilenet_v2", flag="--model", help="backbone name (see `headstart models`), "
+                        "a torchvision model or a packaged extra such as tf_efficientnet_lite0")
+    weights: str = setting("DEFAULT", help="DEFAULT, a weights name (IMAGENET1K_V1), none (random), "
+                           "or a local state-dict file (.pth, .pt, .safetensors)")
+    # None: the weights' own crop size, but 64 px for the 8x8 digits, where 224 px would cost 12x
+    # the compute for nothing.
+    # (64 px: headstart.jobs.train.DIGITS_INPUT_SIZE)
+    input_size: int | None = setting(None, help="square input size in pixels", above=0,
+                                     shown="the weights' crop size, 224 px for most; 64 px for digits")
 
 
 @dataclass
 class HeadConfig:
     """The new classifier put on top of the body."""
 
-    # ``replace``: keep the pretrained classifier and swap only its final layer (the seed's way);
-    # ``linear``: one new layer on the pooled features; ``mlp``: several new layers.
-    kind: str = "replace"
-    hidden: list[int] = field(default_factory=list)
-    dropout: float = 0.0
-    activation: str = "relu"
-    batchnorm: bool = False
+    kind: str = setting("replace", flag="--head", choices=("replace", "linear", "mlp"),
+                        help="new classifier: replace only the pretrained classifier's final layer "
+                             "(the seed's way), one linear layer on the pooled features, or an MLP")
+    hidden: list[int] = setting(factory=list, shown="none", above=0,
+                                help="hidden sizes of an mlp head, comma-separated (512,256)")
+    dropout: float = setting(0.0, help="dropout in a linear/mlp head", at_least=0, below=1)
+    activation: str = setting("relu", choices=("relu", "gelu", "silu", "tanh", "leaky_relu"),
+                              help="activation of an mlp head")
+    batchnorm: bool = setting(False, flag="--head-batchnorm", help="batch norm in an mlp head")
 
 
 @dataclass
 class DataConfig:
     """Where the images come from and how they are prepared."""
 
-    # ``digits`` (scikit-learn's bundled handwritten digits), ``cifar10``, ``cifar100``, or a
-    # path to an image folder (class subfolders, or ``train/`` and ``val/`` holding them).
-    source: str = "digits"
-    # Where downloadable datasets are cached.
-    root: str = "~/.cache/headstart/datasets"
-    # Fraction of the training images held out for validation when the source has no split.
-    val_split: float = 0.2
-    batch_size: int = 64
-    # DataLoader worker processes; None chooses from the machine's cores.
-    workers: int | None = None
-    # Train-time augmentation (random resized crop and horizontal flip for photos).
-    augment: bool = True
-    # An automatic policy on top of the photo augmentation: none, randaugment, trivialaugment.
-    auto_augment: str = "none"
-    # Draw training batches class-balanced (for imbalanced folders).
-    balanced: bool = False
-    # Unreadable images are an error instead of a skipped-with-warning.
-    strict: bool = False
-    # Decode image files once and hold them in memory as uint8 tensors: None = when they fit in
-    # ``memory_gb``; true forces it (with a check), false reads every file every epoch.
-    in_memory: bool | None = None
-    memory_gb: float = 2.0
-    # Resize, crop, flip and normalise in-memory images a batch at a time on the training
-    # device (GPU augmentation) instead of image by image in the loader; None = on CUDA only.
-    batch_transforms: bool | None = None
-    # Use at most this many training / validation images (quick runs and tests).
-    limit_train: int | None = None
-    limit_val: int | None = None
+    source: str = setting("digits", flag="--data", help="digits (scikit-learn's bundled handwritten "
+                          "digits), cifar10, cifar100, or an image folder (class subfolders, or train/ "
+                          "and val/ holding them)")
+    root: str = setting("~/.cache/headstart/datasets", flag="--data-root",
+                        help="cache folder for downloadable datasets")
+    val_split: float = setting(0.2, at_least=0, below=1,
+                               help="fraction of the images held out for validation when the data has no split")
+    batch_size: int = setting(64, at_least=1, help="images per batch")
+    workers: int | None = setting(None, at_least=0, help="DataLoader worker processes",
+                                  shown="0 for in-memory data, else up to 4, leaving a core free")
+    augment: bool = setting(True, help="train-time augmentation (random resized crop and flip for photos)")
+    auto_augment: str = setting("none", choices=("none", "randaugment", "trivialaugment"),
+                                help="an automatic augmentation policy on top of the photo augmentation")
+    balanced: bool = setting(False, help="draw training batches class-balanced (for imbalanced folders)")
+    strict: bool = setting(False, help="unreadable images are an error instead of skipped with a warning")
+    in_memory: bool | None = setting(None, shown="auto: when they fit in data.memory_gb",
+                                     help="decode image files once and hold them in memory: yes, no or auto")
+    memory_gb: float = setting(2.0, at_least=0, help="memory the in-memory images may take (GB)")
+    # Per-image transforms in the loader keep up with a CPU's training, not with a GPU's.
+    batch_transforms: bool | None = setting(None, shown="auto: on CUDA only",
+                                            help="resize, crop, flip and normalise in-memory images a "
+                                                 "batch at a time on the device: yes, no or auto")
+    limit_train: int | None = setting(None, at_least=1, shown="all", help="use at most N training images")
+    limit_val: int | None = setting(None, at_least=1, shown="all", help="use at most N validation images")
+
+
+FREEZE_HELP = ("what does not train: body (only the head trains), none, first:K (the first K depth "
+               "groups) or comma-separated glob patterns over parameter names (body.features.0.*)")
+BN_POLICIES = ("frozen", "train", "eval-all")
 
 
 @dataclass
 class StageConfig:
-    """One stage of the training schedule.
+    """One stage of the training schedule (a YAML list under ``train.stages``)."""
 
-    ``freeze`` says what does not train in this stage: ``body`` (only the head trains),
-    ``none`` (everything trains), ``first:K`` (the first K depth groups are frozen), or
-    comma-separated glob patterns over parameter names (``body.features.0.*``).
-    """
-
-    name: str = "head"
-    epochs: int = 3
-    freeze: str = "body"
-    # Base learning rate of the head; None inherits ``train.lr``; ``auto`` runs the
-    # learning-rate range test at the start of the stage and uses its suggestion.
-    lr: float | str | None = None
-    # Discriminative rates: depth group i of G gets ``lr * layer_decay ** (G - i)``.
-    layer_decay: float = 1.0
-    # Per-group multipliers by group name (``head`` included), applied after layer_decay.
-    lr_mult: dict[str, float] = field(default_factory=dict)
-    # BatchNorm in frozen parts: ``frozen`` (eval mode, statistics kept), ``train`` (statistics
-    # update), ``eval-all`` (every BatchNorm in eval mode, for tiny batches).
-    bn: str = "frozen"
+    name: str = setting("head", help="the stage's name in logs and metrics")
+    epochs: int = setting(3, at_least=0, help="epochs of the stage")
+    freeze: str = setting("body", help=FREEZE_HELP)
+    lr: float | str | None = setting(None, choices=("auto",), at_least=0, shown="train.lr",
+                                     help="base learning rate of the head, or auto (range test at the "
+                                          "start of the stage)")
+    layer_decay: float = setting(1.0, above=0, help="depth group i of G gets lr * layer_decay ** (G - i)")
+    lr_mult: dict[str, float] = setting(factory=dict, shown="none", at_least=0,
+                                        help="per-group multipliers by group name (head included), "
+                                             "applied after layer_decay")
+    bn: str = setting("frozen", choices=BN_POLICIES, help="BatchNorm in frozen parts: frozen (eval mode), "
+                      "train (statistics update) or eval-all (every BatchNorm in eval mode, tiny batches)")
 
 
 @dataclass
 class TrainConfig:
     """How to train: the seed's two phases by default, or an explicit list of stages."""
 
-    # What the first (head) stage freezes: body, none, first:K or name patterns.
-    freeze: str = "body"
-    epochs: int = 5
-    # A number, or ``auto`` (the learning-rate range test picks it at the start of the stage).
-    lr: float | str = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    # Fraction of each stage's steps spent warming the learning rate up linearly.
-    warmup: float = 0.1
-    scheduler: str = "cosine"
-    label_smoothing: float = 0.0
-    # Weight the loss by inverse class frequency (for imbalanced folders).
-    class_weights: bool = False
-    # Batch mixing on images (alpha of the Beta distribution; 0 = off). Not used while training
-    # from cached features, where there are no images to mix.
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    # ``auto``: bf16 autocast on GPUs that have it, fp16 with a gradient scaler on older GPUs,
-    # fp32 on the CPU (bf16 autocast on a CPU without AMX measured slower here).
-    precision: str = "auto"
-    # Channels-last memory format; None = on for CUDA, where convolutions run faster with it.
-    channels_last: bool | None = None
-    # torch.compile the network (pays a compile time up front; worth it for long GPU runs).
-    compile: bool = False
-    # The seed's fine-tuning phase: 0 epochs skips it.
-    finetune_epochs: int = 0
-    # ``all`` or the number of last depth groups unfrozen for fine-tuning.
-    finetune_unfreeze: str = "all"
-    finetune_lr: float | str = 3e-4
-    # BatchNorm while fine-tuning. ``eval-all`` keeps the pretrained statistics (scales and shifts
-    # still train): on the digits demo it reached 97.2% against 92.5% with batch statistics,
-    # whose switch from ImageNet to digit statistics first knocked accuracy down to 56%.
-    finetune_bn: str = "eval-all"
-    # Discriminative rates in the fine-tuning stage (see StageConfig.layer_decay): the deepest
-    # group trains at 0.7x the head's rate, the stem at 0.7^G. Measured with mobilenet_v2, 2-3
-    # fine-tuning epochs: an 800-image CIFAR-10 folder 58.8% -> 66.9% (0.6), digits 97.5% -> 96.1%.
-    layer_decay: float = 0.7
-    # ``two-phase`` (the seed's) or ``gradual`` (one more depth group per epoch, deepest first).
-    schedule: str = "two-phase"
-    # When set, replaces the two phases above.
-    stages: list[StageConfig] = field(default_factory=list)
-    # Stop a stage when validation accuracy has not improved for this many epochs.
-    patience: int | None = None
-    # Mid-epoch checkpoints: ``last.pt`` is also written inside an epoch, at most every this many
-    # minutes of training (None or 0: only at epoch ends) and/or every this many steps, so a
-    # resumed run redoes none of the batches already trained and ends exactly as if uninterrupted.
-    checkpoint_minutes: float | None = 10.0
-    checkpoint_steps: int | None = None
-    seed: int = 0
-    # ``auto`` picks cuda when there is one.
-    device: str = "auto"
-    # Show progress bars (plain periodic lines when the output is not a terminal).
-    progress: bool = True
+    freeze: str = setting("body", help=f"head stage: {FREEZE_HELP}")
+    epochs: int = setting(5, at_least=0, help="epochs of the head stage")
+    lr: float | str = setting(1e-3, choices=("auto",), at_least=0,
+                              help="learning rate of the head stage, or auto (learning-rate range test)")
+    optimizer: str = setting("adamw", choices=("adamw", "sgd"), help="optimizer")
+    weight_decay: float = setting(0.01, at_least=0, help="weight decay (never on biases and norms)")
+    momentum: float = setting(0.9, at_least=0, below=1, help="momentum of sgd (Nesterov when above 0)")
+    warmup: float = setting(0.1, at_least=0, at_most=1, help="fraction of each stage's steps spent warming up")
+    scheduler: str = setting("cosine", choices=("cosine", "onecycle", "constant"), help="learning-rate schedule")
+    label_smoothing: float = setting(0.0, at_least=0, below=1, help="label smoothing of the loss")
+    class_weights: bool = setting(False, help="weight the loss by inverse class frequency (imbalanced folders)")
+    # Not used while training from cached features, where there are no images to mix.
+    mixup: float = setting(0.0, at_least=0, help="mixup on images: alpha of the Beta distribution (0: off)")
+    cutmix: float = setting(0.0, at_least=0, help="cutmix on images: alpha of the Beta distribution (0: off)")
+    # bf16 autocast on a CPU without AMX measured slower here, hence fp32 on the CPU.
+    precision: str = setting("auto", choices=("auto", "fp32", "bf16", "fp16"),
+                             help="auto: bf16 on GPUs that have it, fp16 with a scaler on older ones, fp32 on CPU")
+    channels_last: bool | None = setting(None, shown="auto: on CUDA, where convolutions run faster",
+                                         help="channels-last memory format: yes, no or auto")
+    compile: bool = setting(False, help="torch.compile the network (a compile time up front; for long GPU runs)")
+    finetune_epochs: int = setting(0, at_least=0, help="epochs of the fine-tuning stage (0: none)")
+    finetune_unfreeze: str = setting("all", help="all, or how many last depth groups fine-tuning unfreezes")
+    finetune_lr: float | str = setting(3e-4, choices=("auto",), at_least=0,
+                                       help="base learning rate of fine-tuning, or auto")
+    # eval-all keeps the pretrained statistics (scales and shifts still train): on the digits demo
+    # it reached 97.2% against 92.5% with batch statistics, whose switch from ImageNet to digit
+    # statistics first knocked accuracy down to 56%.
+    finetune_bn: str = setting("eval-all", choices=BN_POLICIES,
+                               help="BatchNorm while fine-tuning (eval-all keeps pretrained statistics)")
+    # The deepest group trains at 0.7x the head's rate, the stem at 0.7^G. Measured with
+    # mobilenet_v2, 2-3 fine-tuning epochs: an 800-image CIFAR-10 folder 58.8% -> 66.9% (0.6),
+    # digits 97.5% -> 96.1%.
+    layer_decay: float = setting(0.7, above=0, help="per-group learning-rate decay in fine-tuning")
+    schedule: str = setting("two-phase", choices=("two-phase", "gradual"),
+                            help="the seed's two phases, or gradual unfreezing (one more group per epoch)")
+    stages: list[StageConfig] = setting(factory=list, flag=None, shown="the two phases above",
+                                        help="explicit stages (YAML), replacing the phases above")
+    patience: int | None = setting(None, at_least=1, shown="off",
+                                   help="stop a stage after N epochs without improvement")
+    # A resumed run redoes none of the batches already trained and ends exactly as if uninterrupted.
+    checkpoint_minutes: float | None = setting(10.0, at_least=0, on_resume=True,
+                                               help="mid-epoch last.pt at most every N minutes of training (0: off)")
+    checkpoint_steps: int | None = setting(None, at_least=0, shown="off", help="mid-epoch last.pt every N steps")
+    seed: int = setting(0, help="random seed (a CPU run repeats exactly)")
+    device: str = setting("auto", on_resume=True, help="auto (cuda when there is one), cpu, cuda or cuda:N")
+    progress: bool = setting(True, on_resume=True, help="progress bars (plain lines when not a terminal)")
 
 
 @dataclass
 class CacheConfig:
     """Cached features of a frozen body (see :mod:`headstart.training.cache`)."""
 
-    # Compute a fully frozen body's features once and train the head from them.
-    enabled: bool = True
-    # Where entries live; None means $HEADSTART_CACHE or ~/.cache/headstart/features.
-    dir: str | None = None
-    # View 0 is the plain image; views 1..K-1 are augmented copies, cycled through by epoch.
-    views: int = 1
-    # While only the last depth groups train, cache the frozen first part's output too.
-    prefix: bool = True
-    # Largest cache (all views and the validation split) built for a stage; above it the stage
-    # runs the whole network (early feature maps of big images take a lot of space).
-    max_gb: float = 8.0
+    enabled: bool = setting(True, flag="--no-cache",
+                            help="compute a frozen body's features once and train the head from them")
+    dir: str | None = setting(None, flag="--cache-dir", shown="$HEADSTART_CACHE or ~/.cache/headstart/features",
+                              help="feature cache folder")
+    views: int = setting(1, flag="--cache-views", at_least=1,
+                         help="cached views per image (1: plain; more: augmented copies, cycled by epoch)")
+    prefix: bool = setting(True, flag="--no-cache-prefix",
+                           help="while only the last depth groups train, cache the frozen first part's output")
+    # Early feature maps of big images take a lot of space; above this the stage runs the whole network.
+    max_gb: float = setting(8.0, flag="--cache-max-gb", at_least=0, help="largest cache built for a stage (GB)")
 
 
 @dataclass
@@ -198,13 +217,59 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-    # Write report/report.html (curves, confusion matrix, mistakes) at the end of training.
-    report: bool = True
-    # TensorBoard event files in the run folder (``tensorboard --logdir runs/``).
-    tensorboard: bool = True
-    # Runs are written to ``output/name``; name None means a fresh timestamped name.
-    output: str = "runs"
-    name: str | None = None
+    report: bool = setting(True, help="write report/report.html at the end of training")
+    tensorboard: bool = setting(True, help="TensorBoard event files in the run folder")
+    output: str = setting("runs", help="folder for run folders")
+    name: str | None = setting(None, shown="time, model and data", help="run folder name")
+
+
+# --------------------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One leaf field of a config tree, as :func:`settings` lists it."""
+
+    key: str  # dotted path: train.lr
+    type: Any  # the resolved type hint
+    default: Any
+    help: str
+    flag: str | None
+    choices: tuple[str, ...]
+    shown: str  # the default in words
+    on_resume: bool
+
+
+def settings(cls: type = RunConfig, prefix: str = "") -> list[Setting]:
+    """Every leaf field of the config tree ``cls``, depth first, in declaration order."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += settings(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        m = f.metadata
+        if "help" not in m:
+            raise TypeError(f"config field {prefix}{f.name} has no help: declare it with setting(..., help=...)")
+        out.append(Setting(f"{prefix}{f.name}", hints[f.name], default, m["help"], _flag(f, default),
+                           m["choices"], m["shown"] or _shown(default), m["on_resume"]))
+    return out
+
+
+def _flag(f: dataclasses.Field, default: Any) -> str | None:
+    flag = f.metadata.get("flag")
+    if flag != "":
+        return flag
+    return ("--no-" if default is True else "--") + f.name.replace("_", "-")
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return "yes" if default else "no"
+    if isinstance(default, list | dict):
+        return ",".join(map(str, default)) or "none"
+    return "none" if default is None else str(default)
 
 
 # --------------------------------------------------------------------------- conversions
@@ -216,20 +281,64 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
-    """Build dataclass ``cls`` from plain data, checking names and types as it goes."""
+    """Build dataclass ``cls`` from plain data, checking names, types and values as it goes."""
     data = data or {}
     if not isinstance(data, dict):
-        raise HeadstartError(f"config{where or ''}: expected a mapping, got {data!r}")
+        raise HeadstartError(f"config{' ' + where.rstrip('.') if where else ''}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise HeadstartError(
             f"unknown config key(s) {', '.join(f'{where}{k}' for k in unknown)}; "
-            f"known keys here: {', '.join(sorted(names))}"
+            f"known keys here: {', '.join(sorted(fields))}"
         )
-    kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(hints[k], v, f"{where}{k}")
+        if fields[k].metadata:
+            _check(fields[k], hints[k], kwargs[k], f"{where}{k}")
     return cls(**kwargs)
+
+
+def validate(cfg: Any) -> Any:
+    """Check a whole config tree (types, words and bounds) and return it converted, as loading does.
+
+    The YAML file, the flags and ``--set`` are checked as they are read; a tree built or changed in
+    Python is checked here. Example: ``cfg.train.lr = -1; validate(cfg)`` raises HeadstartError
+    naming ``train.lr``.
+    """
+    return from_dict(type(cfg), to_dict(cfg))
+
+
+def _check(f: dataclasses.Field, tp: Any, value: Any, key: str) -> None:
+    """Raise a one-line HeadstartError when ``value`` is outside what field ``f`` declares."""
+    flag = _flag(f, f.default)
+    name = f"config {key}" + (f" ({flag})" if flag else "")
+    choices = f.metadata.get("choices", ())
+    bounds = f.metadata.get("bounds", (None,) * 4)
+    has_default = f.default is not dataclasses.MISSING
+    default = f" (default {f.metadata.get('shown') or _shown(f.default)})" if has_default else ""
+    items = value if isinstance(value, list) else value.values() if isinstance(value, dict) else [value]
+    for v in items:
+        if isinstance(v, str) and choices and v not in choices:
+            numbers = "a number or " if float in typing.get_args(tp) else ""
+            raise HeadstartError(f"{name} is {v!r}: give {numbers}one of: {', '.join(choices)}{default}")
+        if isinstance(v, int | float) and not isinstance(v, bool) and not _in_bounds(v, *bounds):
+            what = "" if math.isfinite(v) else ", not a finite number"
+            want = f"that is {_bounds_text(*bounds) or 'finite'}"
+            raise HeadstartError(f"{name} is {v!r}{what}: give a number {want}{default}")
+
+
+def _in_bounds(v: float, at_least: float | None, above: float | None, at_most: float | None,
+               below: float | None) -> bool:
+    return (math.isfinite(v) and (at_least is None or v >= at_least) and (above is None or v > above)
+            and (at_most is None or v <= at_most) and (below is None or v < below))
+
+
+def _bounds_text(at_least: float | None, above: float | None, at_most: float | None, below: float | None) -> str:
+    words = (("{:g} or more", at_least), ("above {:g}", above), ("{:g} or less", at_most), ("below {:g}", below))
+    return " and ".join(w.format(b) for w, b in words if b is not None)
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -241,23 +350,25 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
         if is_none and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        for i, tp_ in enumerate(inner):  # the first type that takes the value wins
+        errors = []
+        for tp_ in (a for a in args if a is not type(None)):  # the first type that takes the value wins
             try:
                 return _coerce(tp_, value, where)
-            except HeadstartError:
-                if i == len(inner) - 1:
-                    raise
-        raise HeadstartError(f"config {where}: cannot use {value!r}")
+            except HeadstartError as e:
+                errors.append(e)
+        raise errors[0]  # the first type's complaint: for float | str, "expected a number"
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
+        if not isinstance(value, list | tuple):
             raise HeadstartError(f"config {where}: expected a list, got {value!r}")
         return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if isinstance(value, str):  # "a=1,b=2" from the command line
-            value = dict(kv.split("=", 1) for kv in value.split(",") if kv)
+            pairs = [kv.split("=", 1) for kv in value.split(",") if kv.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise HeadstartError(f"config {where}: expected name=value pairs (head=2,layer4=0.5), got {value!r}")
+            value = dict(pairs)
         if not isinstance(value, dict):
             raise HeadstartError(f"config {where}: expected a mapping, got {value!r}")
         return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
@@ -268,49 +379,75 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return value.lower() in ("true", "yes", "1", "on")
         raise HeadstartError(f"config {where}: expected true or false, got {value!r}")
     if tp in (int, float):
-        try:
-            if tp is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return tp(value) if not isinstance(value, str) else tp(float(value)) if tp is int else tp(value)
-        except (TypeError, ValueError):
-            raise HeadstartError(f"config {where}: expected a number ({tp.__name__}), got {value!r}") from None
+        return _number(tp, value, where)
     if tp is str:
-        if isinstance(value, (dict, list)):
-            raise HeadstartError(f"config {where}: expected text, got {value!r}")
+        if isinstance(value, dict | list | bool):  # YAML reads yes/no/on/off as booleans
+            quote = "; quote it in YAML ('no')" if isinstance(value, bool) else ""
+            raise HeadstartError(f"config {where}: expected text, got {value!r}{quote}")
         return str(value)
     return value
 
 
-def load_yaml(path: str | Path) -> RunConfig:
-    """Read a run config from a YAML file."""
+def _number(tp: type, value: Any, where: str) -> int | float:
+    """``value`` as an int or float; booleans are refused (YAML's ``epochs: true`` is no count)."""
+    word = "a whole number" if tp is int else "a number"
+    hint = " (YAML reads true/false/yes/no/on/off as booleans)" if isinstance(value, bool) else ""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value) if isinstance(value, str) else value
+        if not isinstance(number, numbers.Real):  # numpy's numbers included
+            raise TypeError
+        if tp is int:
+            if not isinstance(number, numbers.Integral) and not float(number).is_integer():
+                raise ValueError
+            return int(number)
+        return float(number)
+    except (TypeError, ValueError, OverflowError):
+        raise HeadstartError(f"config {where}: expected {word}, got {value!r}{hint}") from None
+
+
+def load_yaml(path: str | Path, cls: type = RunConfig) -> Any:
+    """Read a run config from a YAML file (checked as :func:`from_dict` checks)."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8")
+        data = yaml.safe_load(text) or {}
     except FileNotFoundError:
         raise HeadstartError(f"config file {p} does not exist") from None
+    except IsADirectoryError:
+        raise HeadstartError(f"config file {p} is a folder; give the path of a YAML file") from None
+    except PermissionError:
+        raise HeadstartError(f"config file {p} cannot be read (permission denied)") from None
+    except UnicodeDecodeError as e:
+        raise HeadstartError(f"config file {p} is not a text file (byte {e.start} is not UTF-8); "
+                             "give a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or " ".join(str(e).split())
         raise HeadstartError(f"config file {p} is not valid YAML{where}: {problem}") from None
-    return from_dict(RunConfig, data)
+    if not isinstance(data, dict):
+        raise HeadstartError(f"config file {p} holds a {type(data).__name__}, not a mapping of config keys "
+                             "(model:, data:, train:, ...)")
+    return from_dict(cls, data)
 
 
 def save_yaml(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Return a copy of ``cfg`` with dotted keys (``train.lr``) set to new values."""
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """Return a checked copy of ``cfg`` with dotted keys (``train.lr``) set to new values."""
     data = to_dict(cfg)
     for key, value in overrides.items():
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
             if not isinstance(node.get(p), dict):
-                raise HeadstartError(f"unknown config key {key}")
+                raise HeadstartError(f"unknown config key {key}; `headstart train --help` lists every key")
             node = node[p]
         if leaf not in node:
-            raise HeadstartError(f"unknown config key {key}")
+            raise HeadstartError(f"unknown config key {key}; `headstart train --help` lists every key")
         node[leaf] = value
-    return from_dict(RunConfig, data)
+    return from_dict(type(cfg), data)
