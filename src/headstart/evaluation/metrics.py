@@ -70,14 +70,32 @@ def class_report(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]
 
 def format_report(r: ClassReport) -> str:
     """The report as text: summary, per-class table, confusion matrix."""
-    w = max(8, *(len(c) for c in r.classes))
+    w = max(5, *(len(c) for c in r.classes))
     lines = [f"top-1 {r.top1:.2%}   top-5 {r.top5:.2%}   loss {r.loss:.4f}   images {sum(r.support)}", ""]
     lines.append(f"{'class':<{w}}  precision  recall     f1  support")
     for c, p, rc, f, s in zip(r.classes, r.precision, r.recall, r.f1, r.support):
         lines.append(f"{c:<{w}}  {p:9.3f}  {rc:6.3f}  {f:5.3f}  {s:7d}")
-    lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
-    cw = max(5, len(str(int(r.confusion.max()))) + 1)
-    lines.append(" " * w + "".join(f"{i:>{cw}}" for i in range(len(r.classes))))
-    for i, (c, row) in enumerate(zip(r.classes, r.confusion.tolist())):
-        lines.append(f"{c:<{w - 4}}{i:>4}" + "".join(f"{v:>{cw}}" for v in row))
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *format_confusion(r.classes, r.confusion)])
+
+
+# Class names up to this long head the confusion matrix's columns; longer ones are numbered.
+SHORT_NAME = 6
+
+
+def format_confusion(classes: list[str], confusion: torch.Tensor) -> list[str]:
+    """The confusion matrix as aligned text lines, rows the true class, columns the predicted one.
+
+    Short class names head the columns themselves; when a name is longer, the columns are
+    numbered and each row shows its number beside its name, so every column stays aligned.
+    """
+    short = max(len(c) for c in classes) <= SHORT_NAME
+    heads = list(classes) if short else [str(i) for i in range(len(classes))]
+    labels = list(classes) if short else [f"{i:>{len(heads[-1])}} {c}" for i, c in enumerate(classes)]
+    cw = 2 + max(len(str(int(confusion.max()))), *(len(h) for h in heads))
+    lw = max(len(label) for label in labels)
+    title = "confusion matrix (rows: true class, columns: predicted)"
+    lines = [title if short else f"{title}; columns are numbered as the rows",
+             " " * lw + "".join(f"{h:>{cw}}" for h in heads)]
+    for label, row in zip(labels, confusion.tolist()):
+        lines.append(f"{label:<{lw}}" + "".join(f"{v:>{cw}}" for v in row))
+    return lines
