@@ -11,7 +11,10 @@ import csv
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +170,42 @@ def test_models_without_match_exits_2(capsys):
     assert_user_error(2, capsys.readouterr().err, "nothing-matches")
 
 
+# ---------------------------------------------------------------------- help and start-up
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_lists_defaults(capsys):
+    text = _help(capsys, "train")
+    assert "--epochs N epochs of the head stage (default: 5) [train.epochs]" in text
+    assert "--lr X|auto learning rate of the head stage, or auto" in text and "(default: 0.001) [train.lr]" in text
+    assert "--hidden HIDDEN hidden sizes of an mlp head, comma-separated (512,256) (default: none)" in text
+    assert "--no-cache compute a frozen body's features once" in text
+    # The input size says what the default really is, digits included.
+    assert "--input-size N square input size in pixels (default: the weights' crop size" in text
+    assert "64 px for digits" in text
+    text = _help(capsys, "predict")
+    assert "--top-k TOP_K classes shown per image (default: 3)" in text and "(default: table)" in text
+    assert "(default: 100)" in _help(capsys, "lr-find")  # --steps
+
+
+def test_help_imports_no_torch():
+    code = ("import sys\nfrom headstart.cli import main\n"
+            "for argv in (['--help'], ['models', '--help'], ['train', '--help'], ['eval', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'numpy', 'PIL'}))")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
 # ---------------------------------------------------------------------- user errors
 
 
@@ -225,6 +264,50 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys, request):
     rc = main(argv)
     assert_user_error(rc, capsys.readouterr().err, *fragments, one_line=case not in MULTI_LINE)
     assert not (tmp_path / "err" / "best.pt").exists()
+
+
+# Values refused before anything is made (issue 10): flag or YAML, each names its key in one line.
+BAD_VALUES = {
+    "--lr -1": (["--lr", "-1"], "train.lr (--lr) is -1.0"),
+    "--lr nan": (["--lr", "nan"], "train.lr (--lr) is nan"),
+    "--finetune-lr -1": (["--finetune-epochs", "1", "--finetune-lr", "-1"], "train.finetune_lr (--finetune-lr)"),
+    "--input-size 0": (["--input-size", "0"], "model.input_size (--input-size) is 0"),
+    "--workers -1": (["--workers", "-1"], "data.workers (--workers) is -1"),
+    "--epochs -1": (["--epochs", "-1"], "train.epochs (--epochs) is -1"),
+    "--finetune-epochs -1": (["--finetune-epochs", "-1"], "train.finetune_epochs"),
+    "--batch-size 0": (["--batch-size", "0"], "data.batch_size"),
+    "epochs: true": ("train:\n  epochs: true\n", "train.epochs: expected a whole number, got True"),
+    "lr: .nan": ("train:\n  lr: .nan\n", "train.lr (--lr) is nan"),
+    "optimizer: adam": ("train:\n  optimizer: adam\n", "give one of: adamw, sgd"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_a_bad_value_is_refused_before_anything_is_written(case, tmp_path, capsys):
+    given, words = BAD_VALUES[case]
+    argv = train_argv(tmp_path, "err")
+    if isinstance(given, str):  # a YAML config, without the flag that would override it
+        (tmp_path / "run.yaml").write_text(given)
+        if "epochs:" in given:
+            i = argv.index("--epochs")
+            argv = argv[:i] + argv[i + 2:]
+        argv += ["--config", str(tmp_path / "run.yaml")]
+    else:
+        argv += given
+    assert_user_error(main(argv), capsys.readouterr().err, words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["run.yaml"] if isinstance(given, str) else [])
+
+
+@pytest.mark.parametrize("kind", ["binary file", "folder"])
+def test_a_config_that_is_not_a_yaml_file_is_one_line(kind, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    if kind == "folder":
+        config.mkdir()
+    else:
+        config.write_bytes(bytes(range(256)) * 4)
+    rc = main(train_argv(tmp_path, "err", "--config", str(config)))
+    assert_user_error(rc, capsys.readouterr().err, str(config))
+    assert not (tmp_path / "err").exists()
 
 
 def _garbage_checkpoint(tmp_path: Path) -> list[str]:
@@ -330,6 +413,21 @@ def test_resolve_config_precedence(tmp_path):
     assert cfg.train.epochs == 9 and cfg.head.kind == "mlp" and cfg.head.hidden == [32, 16]
 
 
+@pytest.mark.parametrize("stage,flag", [(1, "--lr"), (2, "--finetune-lr")])
+def test_lr_find_names_the_flag_of_its_stage_and_saves_beside_the_runs(stage, flag, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing lands in the current folder
+    argv = ["lr-find", "--model", "resnet18", "--weights", "none", "--input-size", "32", "--limit-train", "32",
+            "--limit-val", "16", "--batch-size", "16", "--workers", "0", "--no-progress", "--device", "cpu",
+            "--finetune-epochs", "1", "--stage", str(stage), "--steps", "4", "--output", str(tmp_path / "runs"),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    plot = tmp_path / "runs" / "lr-find" / f"resnet18-digits-stage{stage}.png"
+    assert plot.stat().st_size > 0 and f"plot saved to {plot}; use it with {flag} " in out
+    assert re.findall(r"(?<![\w-])--(?:finetune-)?lr\b", out) == [flag, flag]  # "FLAG 0.01 (or FLAG auto ...)"
+    assert not (tmp_path / "lr_find.png").exists()
+
+
 # ---------------------------------------------------------------------- eval
 
 
@@ -343,6 +441,7 @@ def test_eval_run_folder_on_digits(digits_run, capsys):
     assert re.search(r"class\s+precision\s+recall\s+f1\s+support", out)
     assert "confusion matrix (rows: true class, columns: predicted)" in out
     assert report["classes"] == list("0123456789") and len(report["per_class"]) == 10
+    assert_matrix_lines_up(out, report["classes"], report["confusion"])
     n = sum(c["support"] for c in report["per_class"])
     assert n == 360  # digits' whole validation split (20% of 1,797), not the training limit
     cm = np.array(report["confusion"])
@@ -373,35 +472,103 @@ def test_eval_folder_with_a_subset_of_the_classes(pets_run, tmp_path, capsys):
     assert "saved" in capsys.readouterr().out
 
 
+def assert_matrix_lines_up(text: str, classes: list[str], confusion: list[list[int]]) -> None:
+    """The text confusion matrix: each count right-aligned under its column, each row's label once."""
+    lines = text.split("confusion matrix (rows: true class, columns: predicted)")[1].splitlines()[1:]
+    header, rows = lines[0], lines[1:len(classes) + 1]
+    ends = [m.end() for m in re.finditer(r"\S+", header)]
+    assert len(ends) == len(classes) and len(rows) == len(classes)
+    for i, row in enumerate(rows):
+        counts = list(re.finditer(r"\S+", row))[-len(classes):]
+        assert [m.end() for m in counts] == ends, (header, row)
+        assert [int(m.group()) for m in counts] == confusion[i]
+        label = row[:counts[0].start()].split()
+        assert classes[i] in " ".join(label) and label.count(str(i)) <= 1, row  # no index repeated
+
+
+@pytest.mark.parametrize("classes", [["cat", "dog", "fox"], ["cat", "a rather long class name", "fox"],
+                                     [f"c{i}" for i in range(12)], list("0123456789")])
+def test_eval_text_confusion_matrix_lines_up(classes):
+    from headstart.evaluation import class_report
+    from headstart.evaluation.metrics import format_report
+
+    targets = torch.arange(len(classes)).repeat(40)
+    logits = torch.randn(len(targets), len(classes), generator=torch.Generator().manual_seed(0))
+    logits[torch.arange(len(targets)), targets] += 1.0  # mostly right, some counts of two digits
+    report = class_report(logits, targets, classes)
+    assert_matrix_lines_up(format_report(report), classes, report.confusion.tolist())
+
+
+def test_eval_output_that_cannot_be_written_is_one_line(digits_run, tmp_path, capsys):
+    run, rc, _ = digits_run
+    assert rc == 0
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "eval"
+    assert main(["eval", str(run), "--data", "digits", "--device", "cpu", "--output", str(out)]) == 2
+    assert_user_error(2, capsys.readouterr().err, str(out), "give --output a writable folder")
+
+
 # ---------------------------------------------------------------------- predict
 
 
-def test_predict_formats(pets_run, pets, capsys):
-    ckpt = str(pets_run / "best.pt")
-    n = 24
-    assert main(["predict", ckpt, str(pets), "--format", "json", "--top-k", "2", "--device", "cpu"]) == 0
-    results = json.loads(capsys.readouterr().out)
-    assert len(results) == n
-    assert {Path(r["file"]).parent.name for r in results} == {"cat", "dog", "fox"}
-    for r in results:
-        assert len(r["top"]) == 2
-        assert {t["class"] for t in r["top"]} <= {"cat", "dog", "fox"}
-        p = [t["probability"] for t in r["top"]]
-        assert p[0] >= p[1] > 0 and sum(p) <= 1 + 1e-6
+@pytest.fixture(scope="module")
+def colours_run(tmp_path_factory) -> Path:
+    """A model that has learnt red (cat) from blue (fox): five head epochs on the cached random body."""
+    out = tmp_path_factory.mktemp("colour-runs")
+    data = make_folder(out / "data", ["cat", "fox"])
+    rc, _, err = run_captured(train_argv(out, "colours", "--lr", "0.03", "--epochs", "5", "--val-split", "0.25",
+                                         "--no-report", "--no-tensorboard", data=data))
+    assert rc == 0, err
+    return out / "colours"
 
-    assert main(["predict", ckpt, str(pets / "cat"), str(pets / "dog" / "dog_0.png"), "--format", "csv",
+
+def test_predict_formats(colours_run, tmp_path, capsys):
+    ckpt = str(colours_run / "best.pt")
+    # New images of the two colours, never seen in training: the colour is all it takes to be right.
+    fresh = make_folder(tmp_path / "fresh", ["cat", "fox"], per_class=3, seed=11)
+    assert main(["predict", ckpt, str(fresh), "--format", "json", "--device", "cpu"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 6
+    assert [Path(r["file"]).parent.name for r in results] == [r["top"][0]["class"] for r in results]
+    assert all(r["top"][0]["probability"] > 0.8 for r in results)
+    for got, want in zip(results, python_api_predictions(ckpt, [r["file"] for r in results], k=2), strict=True):
+        assert [t["class"] for t in got["top"]] == [t["class"] for t in want["top"]]
+        assert [t["probability"] for t in got["top"]] == pytest.approx([t["probability"] for t in want["top"]],
+                                                                      abs=1e-5)
+        assert sum(t["probability"] for t in got["top"]) == pytest.approx(1.0, abs=1e-5)  # two classes, top 2
+
+    assert main(["predict", ckpt, str(fresh / "fox"), str(fresh / "cat" / "cat_0.png"), "--format", "csv",
                  "--top-k", "2", "--device", "cpu"]) == 0
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert rows[0] == ["file", "rank", "class", "probability"]
-    assert len(rows) == 1 + 9 * 2
-    assert [r[1] for r in rows[1:3]] == ["1", "2"] and all(0 < float(r[3]) <= 1 for r in rows[1:])
+    assert [(r[1], r[2]) for r in rows[1::2]] == [("1", "fox")] * 3 + [("1", "cat")]
+    assert [(r[1], r[2]) for r in rows[2::2]] == [("2", "cat")] * 3 + [("2", "fox")]
+    by_file = {r["file"]: r["top"] for r in results}
+    assert all(float(r[3]) == pytest.approx(by_file[r[0]][int(r[1]) - 1]["probability"], abs=1e-6)
+               for r in rows[1:])
 
-    assert main(["predict", ckpt, str(pets / "fox"), "--top-k", "2", "--device", "cpu"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("file") and "top classes" in lines[0]  # the table has a header row
-    lines = lines[1:]
-    assert len(lines) == 8
-    assert all(len(re.findall(r"\b(cat|dog|fox) \d+\.\d%", line)) == 2 for line in lines)
+    assert main(["predict", ckpt, str(fresh / "fox"), "--top-k", "2", "--device", "cpu"]) == 0
+    header, *lines = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["file", "top-1", "top-2"]
+    assert len(lines) == 3
+    for line in lines:
+        assert re.fullmatch(r"\S+fox_\d\.png\s+fox \d+\.\d%\s+cat \d+\.\d%", line), line
+        assert line[header.index("top-1"):].startswith("fox ")  # each cell under its heading
+        assert line[header.index("top-2"):].startswith("cat ")
+
+
+def python_api_predictions(ckpt: str, files: list[str], k: int) -> list[dict]:
+    """What the Python API says about ``files``: the checkpoint's network on its own eval transform."""
+    import headstart as hs
+    from headstart.data import build_transform, load_image
+
+    net, saved = hs.load_network(ckpt)
+    tf = build_transform(net.preprocessing, train=False, augment=False, kind=saved.get("kind", "photo"))
+    with torch.no_grad():
+        probs = net.eval()(torch.stack([tf(load_image(f)) for f in files])).softmax(1)
+    conf, idx = probs.topk(k, dim=1)
+    return [{"top": [{"class": saved["classes"][j], "probability": c} for c, j in zip(cs, js)]}
+            for cs, js in zip(conf.tolist(), idx.tolist())]
 
 
 def test_predict_top_k_is_capped_at_the_class_count(pets_run, pets, capsys):
@@ -412,16 +579,25 @@ def test_predict_top_k_is_capped_at_the_class_count(pets_run, pets, capsys):
     assert sum(t["probability"] for t in result["top"]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_predict_skips_a_corrupt_image_and_strict_exits_2(pets_run, pets, tmp_path, capsys):
+def _mixed_folder(tmp_path: Path, pets: Path) -> Path:
     folder = tmp_path / "mixed"
     folder.mkdir()
     (folder / "good.png").write_bytes((pets / "cat" / "cat_0.png").read_bytes())
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
-    assert main(["predict", str(pets_run / "best.pt"), str(folder), "--device", "cpu"]) == 0
-    out, err = capsys.readouterr()
-    assert "good.png" in out and "broken.png" not in out
-    assert "skipped" in err and "broken.png" in err and "1 unreadable image(s) skipped, 1 predicted" in err
-    assert main(["predict", str(pets_run / "best.pt"), str(folder), "--device", "cpu", "--strict"]) == 2
+    return folder
+
+
+def test_predict_skips_a_corrupt_image_and_lists_it(pets_run, pets, tmp_path, capsys):
+    folder = _mixed_folder(tmp_path, pets)
+    assert main(["predict", str(pets_run / "best.pt"), str(folder), "--format", "json", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert [Path(r["file"]).name for r in json.loads(captured.out)] == ["good.png"]
+    assert "1 unreadable image(s) skipped, 1 predicted" in captured.err and "broken.png" in captured.err
+
+
+def test_predict_strict_refuses_a_corrupt_image_in_one_line(pets_run, pets, tmp_path, capsys):
+    folder = _mixed_folder(tmp_path, pets)
+    assert main(["predict", str(pets_run / "best.pt"), str(folder), "--strict", "--device", "cpu"]) == 2
     assert_user_error(2, capsys.readouterr().err, "broken.png")
 
 
