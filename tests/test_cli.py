@@ -418,7 +418,7 @@ def test_lr_find_names_the_flag_of_its_stage_and_saves_beside_the_runs(stage, fl
     monkeypatch.chdir(tmp_path)  # nothing lands in the current folder
     argv = ["lr-find", "--model", "resnet18", "--weights", "none", "--input-size", "32", "--limit-train", "32",
             "--limit-val", "16", "--batch-size", "16", "--workers", "0", "--no-progress", "--device", "cpu",
-            "--finetune-epochs", "1", "--stage", str(stage), "--steps", "4", "--output", str(tmp_path / "runs"),
+            "--finetune-epochs", "1", "--stage", str(stage), "--steps", "8", "--output", str(tmp_path / "runs"),
             "--cache-dir", str(tmp_path / "cache")]
     assert main(argv) == 0
     out = capsys.readouterr().out
