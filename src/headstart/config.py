@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import types
@@ -240,9 +241,10 @@ class Setting:
     on_resume: bool
 
 
-def settings(cls: type = RunConfig, prefix: str = "") -> list[Setting]:
+@functools.cache  # the parser asks once per command that takes config flags
+def settings(cls: type = RunConfig, prefix: str = "") -> tuple[Setting, ...]:
     """Every leaf field of the config tree ``cls``, depth first, in declaration order."""
-    out = []
+    out: list[Setting] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
@@ -254,7 +256,7 @@ def settings(cls: type = RunConfig, prefix: str = "") -> list[Setting]:
             raise TypeError(f"config field {prefix}{f.name} has no help: declare it with setting(..., help=...)")
         out.append(Setting(f"{prefix}{f.name}", hints[f.name], default, m["help"], _flag(f, default),
                            m["choices"], m["shown"] or _shown(default), m["on_resume"]))
-    return out
+    return tuple(out)
 
 
 def _flag(f: dataclasses.Field, default: Any) -> str | None:
