@@ -12,7 +12,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .runtime import CONFIG
+# The export folder's metadata file (= runtime.CONFIG), named here so building the CLI's parser
+# does not import runtime, and numpy with it.
+CONFIG = "config.json"
 
 
 def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from headstart.config import RunConfig, apply_overrides, from_dict
+from headstart.config import RunConfig, apply_overrides, from_dict, validate
 from headstart.data.core import build_data
 from headstart.errors import HeadstartError
 from headstart.models import checkpoint
@@ -45,6 +45,7 @@ def prepare(cfg: RunConfig, say: Callable[[str], None] | None = None) -> tuple[N
     With ``say``, the seed's first steps are narrated as they happen: the pretrained model as
     loaded (its own classifier and parameter count), then the data, then the new classifier.
     """
+    validate(cfg)  # a tree built or changed in Python is checked as flags and YAML are
     seed_everything(cfg.train.seed)  # random initialisation and the new head's weights repeat
     net = build_network(cfg.model.name, cfg.model.weights, input_size=input_size(cfg))
     if say is not None:
@@ -110,6 +111,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
         say(f"resuming {run.path} after epoch {state['train_state']['global_epoch']}: {net.name} "
             f"(weights {cfg.model.weights}, restored from the checkpoint), {data.source}")
     else:
+        cfg = validate(cfg)  # before anything is created: no run folder for a bad value
         net, data = prepare(cfg, say=say)
         run = RunDir.new(cfg, tensorboard=cfg.tensorboard) if w.main else None
         if run is not None:
