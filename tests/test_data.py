@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from headstart.config import DataConfig
-from headstart.data import core as hd
-from headstart.data.core import DataBundle, build_data, build_transform, list_images, load_image, make_loader
+from headstart.data import DataBundle, build_data, build_transform, list_images, load_image, loaders, make_loader
+from headstart.data.splits import stratified_limit
 from headstart.errors import HeadstartError, OfflineError
 from headstart.models.preprocess import Preprocessing
 
@@ -158,7 +158,7 @@ def test_limits_are_stratified_and_seeded(tmp_path: Path) -> None:
 
 def test_stratified_limit_keeps_proportions() -> None:
     targets = [0] * 80 + [1] * 20
-    idx = hd._stratified_limit(targets, 10, seed=0)
+    idx = stratified_limit(targets, 10, seed=0)
     assert np.bincount(np.asarray(targets)[idx]).tolist() == [8, 2]
     assert len(set(idx.tolist())) == 10
 
@@ -330,20 +330,20 @@ def test_loader_same_seed_same_order(three_classes: Path) -> None:
 
 def test_default_workers(three_classes: Path, monkeypatch) -> None:
     digits = build_data(DataConfig(source="digits", limit_train=20, limit_val=10), PRE)
-    assert hd.default_workers(digits.train) == 0
+    assert loaders.default_workers(digits.train) == 0
     files = build_data(_cfg(three_classes, in_memory=False), PRE).train
     decoded = build_data(_cfg(three_classes), PRE).train  # still resized and cropped per item
-    monkeypatch.setattr(hd, "_usable_cpus", lambda: 2)
-    assert hd.default_workers(decoded) == 1
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 2)
+    assert loaders.default_workers(decoded) == 1
     decoded.batch_device = torch.device("cpu")  # items are raw slices: transformed per batch
-    assert hd.default_workers(decoded) == 0
-    monkeypatch.setattr(hd, "_usable_cpus", lambda: 1)
-    assert hd.default_workers(files) == 0
-    monkeypatch.setattr(hd, "_usable_cpus", lambda: 2)
-    assert hd.default_workers(files) == 1
-    monkeypatch.setattr(hd, "_usable_cpus", lambda: 32)
-    assert hd.default_workers(files) == 4
-    monkeypatch.setattr(hd, "_usable_cpus", lambda: 2)  # more workers than cores makes torch warn
+    assert loaders.default_workers(decoded) == 0
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 1)
+    assert loaders.default_workers(files) == 0
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 2)
+    assert loaders.default_workers(files) == 1
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 32)
+    assert loaders.default_workers(files) == 4
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 2)  # more workers than cores makes torch warn
     loader = make_loader(files, batch_size=4, shuffle=False, workers=None, seed=0)
     # loaders are rebuilt every epoch, so persistent workers would only hold memory
     assert loader.num_workers == 1 and not loader.persistent_workers
@@ -374,4 +374,4 @@ def test_cifar_from_extracted_files(tmp_path: Path, monkeypatch) -> None:
     assert set(b.class_counts()["val"].values()) == {1}
     assert b.val.describe(0).startswith("cifar10 test #")
     assert b.train.raw_image(0).size == (32, 32) and b.train[0][0].shape == (3, 16, 16)
-    assert hd.default_workers(b.train) == 0
+    assert loaders.default_workers(b.train) == 0

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from headstart.data.core import build_transform, make_loader
+from headstart.data import build_transform, make_loader
 from headstart.models.network import Network
 from headstart.progress import Progress
 
