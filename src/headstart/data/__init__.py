@@ -8,7 +8,7 @@ The modules, lowest first (each imports only those above it):
   (arrays, files, decoded in memory); ``bundle``: :class:`DataBundle`;
 * ``splits``: seeded stratified splits and limits;
 * ``loaders``: :func:`make_loader` and the default number of workers;
-* ``folders``: scanning image folders (images, classes, unreadable files);
+* ``folders``: scanning image folders (each file once, unreadable files found);
 * ``sources``: the registry of data sources (digits, CIFAR, image folders);
 * ``memory``: the in-memory copy of image folders; ``build``: :func:`build_data`.
 """

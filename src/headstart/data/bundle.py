@@ -14,9 +14,9 @@ class DataBundle:
     """A train and a validation dataset with what describes them.
 
     ``source`` is ``digits``, ``cifar10``, ``cifar100`` or the folder path; ``skipped`` counts the
-    unreadable images left out while scanning a folder; ``kind`` is the transform family used
-    (``photo`` or ``digits``), for callers that build more transforms with
-    :func:`headstart.data.build_transform`.
+    images left out while scanning a folder (unreadable, or the same file reached twice); ``kind``
+    is the transform family used (``photo`` or ``digits``), for callers that build more
+    transforms with :func:`headstart.data.build_transform`.
     """
 
     train: ImageDataset

@@ -1,15 +1,25 @@
-"""Scanning image folders: which files are images, which class each belongs to, which are unreadable."""
+"""Scanning image folders: which files are images, which class each belongs to, which are unreadable.
+
+A folder is walked once per real directory: symbolic links are followed, but a directory already
+entered (told apart by device and inode, so a link back up the tree such as ``cat/loop -> .`` is
+a cycle) is not entered again, and a file reached under a second name (a hard link, or a link to
+a file already found) is counted once, under the first name found. Everything left out this way
+is said in one warning line with a count. Every candidate image is decoded once
+(:func:`headstart.data.images.image_problem`), so a file cut short is skipped here, as other
+unreadable files are, rather than failing later inside a loader worker.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 from headstart.data.datasets import FileDataset
 from headstart.data.images import IMAGE_EXTENSIONS, image_problem, is_image_name
+from headstart.data.loaders import usable_cpus
 from headstart.errors import HeadstartError
 
 log = logging.getLogger("headstart.data")
@@ -17,6 +27,9 @@ log = logging.getLogger("headstart.data")
 # How many paths a warning / error message lists before "and N more".
 LIST_IN_WARNING = 5
 LIST_IN_ERROR = 20
+# Decoding is CPU-bound: above this many files, worker processes check them in parallel
+# (threads would share one core under the GIL for most of PIL's Python-side work).
+PARALLEL_CHECK_FROM = 2000
 
 
 def listing(items: Sequence[str], limit: int) -> str:
@@ -25,13 +38,82 @@ def listing(items: Sequence[str], limit: int) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def _key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+class Scan:
+    """One walk over a folder tree, entering each real directory once and counting each file once.
+
+    ``images(folder)`` may be called for several folders (the class folders, then ``val/``
+    after ``train/``): a file found by an earlier call is not found again, so the same file never
+    lands in two classes or in both splits. ``repeats`` lists what was left out and why.
+    """
+
+    def __init__(self, reserved: Iterable[Path] = ()) -> None:
+        # Directories entered, or reserved for their own walk (the scanned root and each class
+        # folder): a link to one of them from elsewhere is not followed.
+        self.dirs: set[tuple[int, int]] = set()
+        self.files: dict[tuple[int, int], Path] = {}
+        self.repeats: list[tuple[Path, str]] = []
+        self.repeated_files = 0  # of ``repeats``, how many are files (the rest are folders)
+        for d in reserved:
+            self.dirs.add(_key(d.stat()))
+
+    def images(self, folder: Path) -> list[Path]:
+        """Image files anywhere under ``folder`` (hidden entries skipped), sorted."""
+        found: list[Path] = []
+        self._walk(folder, found, top=True)
+        return sorted(found)
+
+    def _walk(self, folder: Path, found: list[Path], top: bool = False) -> None:
+        try:
+            key = _key(folder.stat())
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            self.repeats.append((folder, f"not readable: {e.strerror or e}"))
+            return
+        if key in self.dirs and not top:
+            self.repeats.append((folder, "a link to a folder scanned already"))
+            return
+        self.dirs.add(key)
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():  # follows symbolic links
+                    self._walk(path, found)
+                elif is_image_name(path) and entry.is_file():
+                    self._add_file(path, _key(entry.stat()), found)
+            except OSError as e:  # a dangling link, a file removed while scanning
+                self.repeats.append((path, f"not readable: {e.strerror or e}"))
+
+    def _add_file(self, path: Path, key: tuple[int, int], found: list[Path]) -> None:
+        first = self.files.get(key)
+        if first is not None:
+            self.repeats.append((path, f"the same file as {first}"))
+            self.repeated_files += 1
+            return
+        self.files[key] = path
+        found.append(path)
+
+    def warn(self, root: Path) -> None:
+        """One warning line naming what the walk left out, if anything."""
+        if self.repeats:
+            log.warning(
+                "skipped %d path(s) under %s reached twice or not readable (symbolic link loops, links to "
+                "files found already): %s", len(self.repeats), root,
+                listing([f"{p} ({why})" for p, why in self.repeats], LIST_IN_WARNING),
+            )
+
+
 def find_images(folder: Path) -> list[Path]:
-    """Image files anywhere under ``folder`` (hidden folders skipped), sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(p for p in (Path(dirpath) / f for f in filenames) if is_image_name(p) and p.is_file())
-    return sorted(found)
+    """Image files anywhere under ``folder``, each file once, sorted (a warning says what was left out)."""
+    scan = Scan()
+    images = scan.images(folder)
+    scan.warn(folder)
+    return images
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -57,13 +139,23 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def check_images(paths: Sequence[Path]) -> list[tuple[Path, str]]:
-    """``(path, reason)`` for every unreadable file in ``paths``."""
+    """``(path, reason)`` for every file in ``paths`` that does not decode."""
     if not paths:
         return []
-    # File opens are I/O-bound (and slow on network drives): threads overlap them.
-    with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
-        problems = list(pool.map(image_problem, paths))
-    return [(p, why) for p, why in zip(paths, problems) if why is not None]
+    chunks = [list(paths[i : i + 64]) for i in range(0, len(paths), 64)]
+    if len(paths) >= PARALLEL_CHECK_FROM and (workers := min(8, usable_cpus())) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            problems = pool.map(_problems, chunks)
+    else:
+        # Small folders: starting processes costs more than it saves; threads overlap file opens
+        # (slow on network drives) and the decoders release the GIL while they run.
+        with ThreadPoolExecutor(max_workers=min(8, len(chunks))) as pool:
+            problems = pool.map(_problems, chunks)
+    return [(p, why) for p, why in zip(paths, (w for chunk in problems for w in chunk)) if why is not None]
+
+
+def _problems(paths: list[Path]) -> list[str | None]:
+    return [image_problem(p) for p in paths]
 
 
 def handle_unreadable(bad: list[tuple[Path, str]], root: Path, strict: bool) -> list[tuple[Path, str]]:
@@ -88,13 +180,18 @@ def class_folders(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def scan_classes(folder: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+def scan_classes(folder: Path, scan: Scan) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
     """Readable ``(path, class)`` pairs in ``folder/<class>/...`` and ``(path, reason)`` failures."""
-    candidates = [(p, d.name) for d in class_folders(folder) for p in find_images(d)]
+    candidates = [(p, d.name) for d in class_folders(folder) for p in scan.images(d)]
     bad = check_images([p for p, _ in candidates])
     bad_paths = {p for p, _ in bad}
     good = [(p, c) for p, c in candidates if p not in bad_paths]
     return good, bad
+
+
+def new_scan(root: Path, *folders: Path) -> Scan:
+    """A :class:`Scan` with ``root``, ``folders`` and their class folders reserved."""
+    return Scan([root, *folders, *(d for f in folders for d in class_folders(f))])
 
 
 def classes_of(items: list[tuple[Path, str]], folder: Path) -> list[str]:
@@ -134,7 +231,9 @@ def folder_dataset(folder: str | Path, *, strict: bool = False) -> FileDataset:
     root = Path(os.path.expanduser(str(folder)))
     if not root.is_dir():
         raise HeadstartError(f"data folder {root} does not exist")
-    items, bad = scan_classes(root)
+    scan = new_scan(root, root)
+    items, bad = scan_classes(root, scan)
+    scan.warn(root)
     handle_unreadable(bad, root, strict)
     classes = sorted({c for _, c in items})
     if not classes:

@@ -27,7 +27,7 @@ import numpy as np
 from headstart.config import DataConfig
 from headstart.data.bundle import DataBundle
 from headstart.data.datasets import ArrayDataset
-from headstart.data.folders import classes_of, file_dataset, handle_unreadable, scan_classes
+from headstart.data.folders import classes_of, file_dataset, handle_unreadable, new_scan, scan_classes
 from headstart.data.splits import check_val_split, stratified_split
 from headstart.errors import HeadstartError, OfflineError
 
@@ -134,8 +134,11 @@ def image_folder(cfg: DataConfig, seed: int) -> DataBundle:
 
     if train_dir is not None and val_dir is not None:
         log.info("using %s for training and %s for validation", train_dir, val_dir)
-        train_items, train_bad = scan_classes(train_dir)
-        val_items, val_bad = scan_classes(val_dir)
+        # One scan for both: a file found under train/ is not taken again for val/.
+        scan = new_scan(root, train_dir, val_dir)
+        train_items, train_bad = scan_classes(train_dir, scan)
+        val_items, val_bad = scan_classes(val_dir, scan)
+        scan.warn(root)
         bad = handle_unreadable(train_bad + val_bad, root, cfg.strict)
         classes = classes_of(train_items, train_dir)
         extra = sorted(set(c for _, c in val_items) - set(classes))
@@ -148,20 +151,23 @@ def image_folder(cfg: DataConfig, seed: int) -> DataBundle:
             raise HeadstartError(f"validation folder {val_dir} holds no readable images in class subfolders")
         train = file_dataset(train_items, classes)
         val = file_dataset(val_items, classes)
-        return DataBundle(train, val, classes, str(root), len(bad), kind="photo")
+        return DataBundle(train, val, classes, str(root), len(bad) + scan.repeated_files, kind="photo")
 
     base = root
     if train_dir is not None:
         # train/ alone: hold out part of it, as for a plain class folder.
         log.info("no validation folder (%s) beside %s; splitting it", "/".join(VAL_DIR_NAMES), train_dir)
         base = train_dir
-    items, bad_found = scan_classes(base)
+    scan = new_scan(root, base)
+    items, bad_found = scan_classes(base, scan)
+    scan.warn(root)
     bad = handle_unreadable(bad_found, root, cfg.strict)
     classes = classes_of(items, base)
     check_val_split(cfg.val_split, str(base))
     full = file_dataset(items, classes)
     tr, va = stratified_split(full.targets, cfg.val_split, seed)
-    return DataBundle(full.subset(tr), full.subset(va), classes, str(root), len(bad), kind="photo")
+    return DataBundle(full.subset(tr), full.subset(va), classes, str(root), len(bad) + scan.repeated_files,
+                      kind="photo")
 
 
 def _check_folder(root: Path, source: str) -> None:
