@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import torch
 from PIL import Image
 
 from headstart.config import DataConfig
-from headstart.data import core as hd
-from headstart.data.core import DataBundle, build_data, build_transform, list_images, load_image, make_loader
+from headstart.data import DataBundle, build_data, build_transform, list_images, load_image, loaders, make_loader
+from headstart.data import datasets as hd_datasets
+from headstart.data.splits import stratified_limit
 from headstart.errors import HeadstartError, OfflineError
 from headstart.models.preprocess import Preprocessing
 
@@ -143,6 +145,81 @@ def test_corrupt_image_skipped_with_one_warning(three_classes: Path, caplog) -> 
         build_data(_cfg(three_classes, strict=True), PRE)
 
 
+def _truncated_jpeg(path: Path) -> Path:
+    """A JPEG cut in half: ``Image.verify()`` passes it, only decoding it fails."""
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with Image.open(path) as im:
+        im.verify()
+    return path
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "headstart.data" and r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_truncated_jpeg_is_skipped_at_scan_time(three_classes: Path, caplog, in_memory) -> None:
+    _truncated_jpeg(three_classes / "cat" / "cut.jpg")
+    with caplog.at_level(logging.WARNING, logger="headstart.data"):
+        b = build_data(_cfg(three_classes, in_memory=in_memory), PRE)
+    assert b.skipped == 1 and len(b.train) + len(b.val) == 18
+    assert any("skipped 1 unreadable" in w and "cut.jpg" in w for w in _warnings(caplog))
+    for ds in (b.train, b.val):
+        for i in range(len(ds)):
+            ds[i]  # every image left in reads
+    with pytest.raises(HeadstartError, match="1 unreadable image.*cut.jpg") as e:
+        build_data(_cfg(three_classes, strict=True), PRE)
+    assert "\n" not in str(e.value)
+
+
+def test_symlink_loops_and_links_count_each_file_once(three_classes: Path, caplog) -> None:
+    os.symlink(".", three_classes / "cat" / "loop")  # a cycle: was 20 images turned into hundreds
+    os.symlink("..", three_classes / "dog" / "up")  # back to the root: would pull every class into dog
+    os.link(three_classes / "fox" / "fox_00.png", three_classes / "fox" / "hard.png")
+    os.symlink("fox_01.png", three_classes / "fox" / "soft.png")
+    (three_classes / "cat" / "more").mkdir()
+    os.symlink("../../dog", three_classes / "cat" / "more" / "dogs")  # a link to another class folder
+    with caplog.at_level(logging.WARNING, logger="headstart.data"):
+        b = build_data(_cfg(three_classes, val_split=0.5), PRE, seed=0)
+    assert b.class_counts()["train"] == {"cat": 3, "dog": 3, "fox": 3}
+    assert b.class_counts()["val"] == {"cat": 3, "dog": 3, "fox": 3}
+    inodes = [{os.stat(ds.describe(i)).st_ino for i in range(len(ds))} for ds in (b.train, b.val)]
+    assert len(inodes[0]) == len(b.train) and len(inodes[1]) == len(b.val) and not inodes[0] & inodes[1]
+    said = [w for w in _warnings(caplog) if "reached twice" in w]
+    assert len(said) == 1 and said[0].startswith("skipped 5 path(s)"), said
+    for name in ("cat/loop", "dog/up", "fox/hard.png", "fox/soft.png", "cat/more/dogs"):
+        assert name in said[0]
+    assert b.skipped == 2  # the two links to files (the folders skipped held no new images)
+    assert len(list_images(three_classes)) == 18
+
+
+def test_the_same_file_in_train_and_val_stays_in_train(tmp_path: Path, caplog) -> None:
+    _write_images(tmp_path / "train", {"cat": 3, "dog": 3})
+    _write_images(tmp_path / "val", {"cat": 1, "dog": 1})
+    os.link(tmp_path / "train" / "cat" / "cat_01.png", tmp_path / "val" / "cat" / "copy.png")
+    os.symlink("../../train/dog/dog_02.png", tmp_path / "val" / "dog" / "copy.png")
+    with caplog.at_level(logging.WARNING, logger="headstart.data"):
+        b = build_data(_cfg(tmp_path), PRE)
+    assert len(b.train) == 6 and len(b.val) == 2
+    assert not any("copy.png" in b.val.describe(i) for i in range(len(b.val)))
+    assert any("val/cat/copy.png" in w and "val/dog/copy.png" in w for w in _warnings(caplog))
+
+
+def test_an_error_in_a_loader_worker_is_the_original_one_line(tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(good)
+    bad = _truncated_jpeg(tmp_path / "cut.jpg")  # a file that went bad after the folder was scanned
+    ds = hd_datasets.FileDataset([good, good, bad, good], [0, 0, 1, 1], ["a", "b"],
+                                 transform=build_transform(PRE, train=False, augment=False))
+    for workers in (0, 1):
+        with pytest.raises(HeadstartError) as e:
+            list(make_loader(ds, batch_size=2, shuffle=False, workers=workers, seed=0))
+        assert str(e.value).startswith(f"cannot read image {bad}:"), str(e.value)
+        assert "\n" not in str(e.value) and "worker" not in str(e.value)
+
+
 def test_limits_are_stratified_and_seeded(tmp_path: Path) -> None:
     _write_images(tmp_path, {"cat": 12, "dog": 12, "fox": 12})
     b = build_data(_cfg(tmp_path, val_split=0.5, limit_train=6, limit_val=3), PRE, seed=3)
@@ -158,7 +235,7 @@ def test_limits_are_stratified_and_seeded(tmp_path: Path) -> None:
 
 def test_stratified_limit_keeps_proportions() -> None:
     targets = [0] * 80 + [1] * 20
-    idx = hd._stratified_limit(targets, 10, seed=0)
+    idx = stratified_limit(targets, 10, seed=0)
     assert np.bincount(np.asarray(targets)[idx]).tolist() == [8, 2]
     assert len(set(idx.tolist())) == 10
 
@@ -330,20 +407,20 @@ def test_loader_same_seed_same_order(three_classes: Path) -> None:
 
 def test_default_workers(three_classes: Path, monkeypatch) -> None:
     digits = build_data(DataConfig(source="digits", limit_train=20, limit_val=10), PRE)
-    assert hd.default_workers(digits.train) == 0
+    assert loaders.default_workers(digits.train) == 0
     files = build_data(_cfg(three_classes, in_memory=False), PRE).train
     decoded = build_data(_cfg(three_classes), PRE).train  # still resized and cropped per item
-    monkeypatch.setattr(hd, "_usable_cpus", lambda: 2)
-    assert hd.default_workers(decoded) == 1
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 2)
+    assert loaders.default_workers(decoded) == 1
     decoded.batch_device = torch.device("cpu")  # items are raw slices: transformed per batch
-    assert hd.default_workers(decoded) == 0
-    monkeypatch.setattr(hd, "_usable_cpus", lambda: 1)
-    assert hd.default_workers(files) == 0
-    monkeypatch.setattr(hd, "_usable_cpus", lambda: 2)
-    assert hd.default_workers(files) == 1
-    monkeypatch.setattr(hd, "_usable_cpus", lambda: 32)
-    assert hd.default_workers(files) == 4
-    monkeypatch.setattr(hd, "_usable_cpus", lambda: 2)  # more workers than cores makes torch warn
+    assert loaders.default_workers(decoded) == 0
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 1)
+    assert loaders.default_workers(files) == 0
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 2)
+    assert loaders.default_workers(files) == 1
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 32)
+    assert loaders.default_workers(files) == 4
+    monkeypatch.setattr(loaders, "usable_cpus", lambda: 2)  # more workers than cores makes torch warn
     loader = make_loader(files, batch_size=4, shuffle=False, workers=None, seed=0)
     # loaders are rebuilt every epoch, so persistent workers would only hold memory
     assert loader.num_workers == 1 and not loader.persistent_workers
@@ -374,4 +451,4 @@ def test_cifar_from_extracted_files(tmp_path: Path, monkeypatch) -> None:
     assert set(b.class_counts()["val"].values()) == {1}
     assert b.val.describe(0).startswith("cifar10 test #")
     assert b.train.raw_image(0).size == (32, 32) and b.train[0][0].shape == (3, 16, 16)
-    assert hd.default_workers(b.train) == 0
+    assert loaders.default_workers(b.train) == 0

@@ -11,8 +11,10 @@ from PIL import Image
 
 from headstart.cli.main import build_parser
 from headstart.config import DataConfig, RunConfig, apply_overrides
-from headstart.data.core import FileDataset, build_data, build_transform, make_loader
-from headstart.data.memory import BatchTransform, MemoryDataset, enable_batch_transforms
+from headstart.data import build_data, build_transform, make_loader
+from headstart.data.datasets import FileDataset, MemoryDataset
+from headstart.data.memory import enable_batch_transforms, hold_in_memory
+from headstart.data.transforms import BatchTransform
 from headstart.errors import HeadstartError
 from headstart.jobs.train import prepare
 from headstart.models.preprocess import Preprocessing
@@ -63,8 +65,6 @@ def test_mixed_sizes_are_stored_at_the_resize_square_and_evaluate_the_same(tmp_p
 def test_images_stay_on_disk_when_they_do_not_fit(tmp_path):
     root = _folder(tmp_path / "imgs", [(20, 20)])
     said: list[str] = []
-    from headstart.data.memory import hold_in_memory
-
     bundle = build_data(DataConfig(source=str(root), in_memory=False), PRE)
     hold_in_memory(bundle, enabled=None, memory_gb=1e-6, pre=PRE, workers=0, say=said.append)
     assert isinstance(bundle.train, FileDataset) and "data.memory_gb" in said[0]
@@ -76,7 +76,7 @@ def test_in_memory_flag_parses_yes_no_auto():
     parser = build_parser()
     for value, expected in (("no", False), ("yes", True), ("auto", None)):
         args = parser.parse_args(["train", "--in-memory", value])
-        assert getattr(args, "data.in_memory", expected) == expected
+        assert vars(args)["data.in_memory"] is expected
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--in-memory", "maybe"])
 
@@ -115,6 +115,19 @@ def test_batched_training_transform_crops_flips_and_repeats_by_seed():
         assert a[:, ch].min() >= lo - 1e-4 and a[:, ch].max() <= hi + 1e-4
 
 
+class SkipFirst(torch.utils.data.Sampler):
+    """Indices ``skip .. n-1``: what a loader resumed inside an epoch draws."""
+
+    def __init__(self, n: int, skip: int) -> None:
+        self.n, self.skip = n, skip
+
+    def __iter__(self):
+        return iter(range(self.skip, self.n))
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+
 def test_loader_transforms_batches_on_the_device(tmp_path):
     root = _folder(tmp_path / "imgs", [(20, 20)])
     data = _data(root)
@@ -125,12 +138,11 @@ def test_loader_transforms_batches_on_the_device(tmp_path):
     assert x.dtype == torch.float32 and x.shape == (4, 3, PRE.crop, PRE.crop) and y.shape == (4,)
     again = next(iter(make_loader(data.train, batch_size=4, shuffle=False, workers=0, seed=3)))[0]
     assert torch.equal(x, again)
-    # a loader resumed after its first batch draws the second batch's crops as before
-    from headstart.training.engine import _SkipSampler
-
+    # a loader resumed after its first batch (its sampler says how many items it skips, as the
+    # training loop's does) draws the second batch's crops as before
     first_two = list(make_loader(data.train, batch_size=4, shuffle=False, workers=0, seed=3))[:2]
     skipping = make_loader(data.train, batch_size=4, shuffle=False, workers=0, seed=3,
-                           sampler=_SkipSampler(range(len(data.train)), 4))
+                           sampler=SkipFirst(len(data.train), 4))
     assert torch.equal(next(iter(skipping))[0], first_two[1][0])
     # an automatic policy has no batched twin: items are transformed one by one as before
     data.train.transform = build_transform(PRE, train=True, augment=True, policy="trivialaugment")

@@ -8,23 +8,34 @@ cached the same way (its output feature maps) and the stage trains the rest from
 
 A cache entry is keyed by everything that changes the features: the body's weights (hashed from
 the tensors themselves, so a local file, a named weights entry and a random initialisation are
-all told apart), the preprocessing, the transform, and the images (file paths, sizes and
-modification times, or the bytes of in-memory arrays). View 0 is the plain evaluation view;
+all told apart), the preprocessing, the transform, and the images (each file's path and a hash of
+its bytes, or the bytes of in-memory arrays). View 0 is the plain evaluation view;
 with ``cache.views = K > 1`` views 1..K-1 are augmented copies and epoch e trains on view e mod K.
-A file is written under a temporary name and renamed; ``meta.json`` is written last, so an entry
-from an interrupted run is never read as complete.
+
+An entry is never read stale, torn or damaged:
+
+* the images are keyed by their bytes, not by size and modification time (which an edit can
+  keep); a file's stat is only a first check, within one process, before hashing it again;
+* a file is written under a temporary name (``.view0.npy.<pid>.tmp``) and renamed, and
+  ``view0.json`` is written last, so an entry from an interrupted run is never read as complete;
+  temporary files whose process has died are removed;
+* an entry whose files do not read back as they should (a partial ``view0.json``, a truncated
+  ``.npy``) is treated as missing: it is rebuilt, with a warning naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +44,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from headstart.data.core import build_transform, make_loader
+from headstart.data import build_transform, make_loader
+from headstart.errors import HeadstartError
+from headstart.files import unwritable, unwritable_cause, write_atomically
 from headstart.models.network import Network
 from headstart.progress import Progress
 
 log = logging.getLogger(__name__)
 DEFAULT_DIR = "~/.cache/headstart/features"
+# What to do when the cache folder cannot be written.
+_ADVICE = "set --cache-dir (cache.dir) to a writable folder with room, or train with --no-cache"
+# ``.view0.npy.<pid>.tmp``: a file being written by process ``pid``.
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")
 
 
 def cache_root(path: str | None = None) -> Path:
@@ -92,19 +109,56 @@ def body_fingerprint(net: Network) -> str:
 
 
 def dataset_fingerprint(ds: Any) -> str:
-    """sha256 of what the dataset holds: file paths with sizes and times, or array bytes."""
+    """sha256 of what the dataset holds: file paths with a hash of each file's bytes, or array bytes."""
     h = hashlib.sha256(type(ds).__name__.encode())
     h.update(str(getattr(ds, "stored_shape", "")).encode())  # in-memory images: the size they were kept at
     if hasattr(ds, "paths"):
-        for p in ds.paths:
-            st = os.stat(p)
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+        for p, digest in zip(ds.paths, file_digests(ds.paths)):
+            h.update(f"{p}|{digest}".encode())
     elif hasattr(ds, "images"):
         h.update(np.ascontiguousarray(ds.images).tobytes())
     else:
         h.update("\n".join(ds.describe(i) for i in range(len(ds))).encode())
     h.update(json.dumps(list(ds.targets)).encode())
     return h.hexdigest()
+
+
+# (path, size, mtime, ctime, inode) -> digest, for files hashed already by this process: a training
+# run fingerprints its datasets once per stage, and a file whose stat is unchanged within one
+# process has not been rewritten (an edit moves ctime, which no tool can set back).
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def file_digests(paths: Sequence[str]) -> list[str]:
+    """A hash (blake2b, 128 bits) of each file's bytes, reading files in parallel threads."""
+    if len(_DIGESTS) > 2_000_000:  # a long session over many folders: some hundred MB of memo
+        _DIGESTS.clear()
+    # Threads overlap reads from slow disks; a few hundred files per task keep the pool's own
+    # cost per task (tens of microseconds) below that of hashing a small file.
+    chunks = [paths[i : i + 256] for i in range(0, len(paths), 256)]
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(chunks)))) as pool:
+        return [d for chunk in pool.map(lambda c: [_file_digest(p) for p in c], chunks) for d in chunk]
+
+
+def _file_digest(path: str) -> str:
+    try:
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        digest = _DIGESTS.get(key)
+        if digest is None:
+            h = hashlib.blake2b(digest_size=16)
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            digest = h.hexdigest()
+            # A file changed within the file system's timestamp granularity of this read could
+            # keep its stat: remember only files unchanged for a while (git's "racily clean").
+            if time.time_ns() - st.st_ctime_ns > 2_000_000_000:
+                _DIGESTS[key] = digest
+        return digest
+    except OSError as e:
+        raise HeadstartError(f"cannot read {path} to look it up in the feature cache: {e.strerror or e}; "
+                             "was it removed or changed while training?") from None
 
 
 @dataclass
@@ -121,9 +175,62 @@ class FeatureCache:
     def file(self, view: int) -> Path:
         return self.folder / f"view{view}.npy"
 
+    def meta_file(self, view: int) -> Path:
+        return self.folder / f"view{view}.json"
+
     def complete(self, view: int) -> bool:
-        meta = self.folder / f"view{view}.json"
-        return meta.exists() and self.file(view).exists()
+        """True when both files of ``view`` exist (they are renamed into place only when whole)."""
+        return self.meta_file(view).exists() and self.file(view).exists()
+
+    def damage(self, view: int, images: int) -> str | None:
+        """Why the complete entry of ``view`` cannot be used for ``images`` images, or None when it can."""
+        meta = read_meta(self.meta_file(view))
+        if meta is None:
+            return f"{self.meta_file(view).name} does not parse"
+        if meta.get("images") != images:
+            return f"{self.meta_file(view).name} is for {meta.get('images')} images, not {images}"
+        try:
+            shape = np.load(self.file(view), mmap_mode="r").shape
+        except (OSError, ValueError, EOFError) as e:
+            return f"{self.file(view).name} does not read back ({e})"
+        if not shape or shape[0] != images:
+            return f"{self.file(view).name} holds {shape[0] if shape else 0} rows, not {images}"
+        return None
+
+    def discard(self, view: int) -> None:
+        self.meta_file(view).unlink(missing_ok=True)
+        self.file(view).unlink(missing_ok=True)
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """A view's ``.json`` description, or None when it is missing or does not parse as an object."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def remove_orphans(folder: Path) -> int:
+    """Delete the temporary files in ``folder`` left by processes that have died; returns how many."""
+    removed = 0
+    for f in folder.glob(".*.tmp"):
+        m = _TEMPORARY.match(f.name)
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                f.unlink()
+                removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except PermissionError:  # someone else's process
+        return True
+    except (OSError, OverflowError):  # no such process, or no such pid at all
+        return False
+    return True
 
 
 def view_transform(net: Network, kind: str, view: int, policy: str = "none") -> Any:
@@ -137,7 +244,7 @@ def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_
     """The cache key of ``ds``'s features through a body (``body_fp``; view > 0: augmented).
 
     ``data_fp`` is ``dataset_fingerprint(ds)`` when the caller already has it (hashing CIFAR's
-    arrays or stat-ing every file of a big folder is not free). ``part`` is ``body`` or
+    arrays or every file of a big folder is not free). ``part`` is ``body`` or
     ``prefix:K`` (the first K steps of the body's chain, whose weights ``body_fp`` then hashes).
     """
     parts = {
@@ -177,7 +284,7 @@ def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.
             with precision.autocast() if precision is not None else contextlib.nullcontext():
                 f = run(x.to(device)).float().cpu().numpy()
             if mm is None:
-                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ds), *f.shape[1:]))
+                mm = _open_output(tmp, out, (len(ds), *f.shape[1:]))
             mm[at : at + len(f)] = f
             at += len(f)
             bar.update(len(f))
@@ -186,6 +293,28 @@ def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _open_output(tmp: Path, out: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A writable memory map of ``shape`` float32 at ``tmp``, its disk space claimed up front.
+
+    A memory map on a disk that fills up mid-way kills the process with SIGBUS when a page is
+    flushed; claiming the space first turns that into an error saying how much was needed.
+    """
+    need = int(np.prod(shape)) * 4
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        with open(tmp, "r+b") as f, contextlib.suppress(AttributeError):  # no posix_fallocate on macOS
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems that cannot say
+                    raise
+        return mm
+    except OSError as e:
+        if unwritable_cause(e) is None:
+            raise
+        raise unwritable(out, e, need=need, what=_ADVICE) from None
 
 
 def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int, seed: int, root: Path,
@@ -198,8 +327,11 @@ def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int
     """
     key = make_key(net, body_fp, ds, kind, view, seed, getattr(precision, "dtype", None), policy, data_fp, part)
     cache = FeatureCache(root, key)
+    if cache.complete(view) and (why := cache.damage(view, len(ds))) is not None:
+        log.warning("feature cache entry %s is damaged (%s): rebuilding it", cache.folder, why)
+        cache.discard(view)
     if not cache.complete(view):
-        cache.folder.mkdir(parents=True, exist_ok=True)
+        _claim_folder(cache.folder)
         saved = ds.transform
         ds.transform = view_transform(net, kind, view, policy)
         start = time.perf_counter()
@@ -212,26 +344,47 @@ def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int
         meta = {"images": len(ds), "model": net.name, "part": part, "view": view,
                 "seconds": time.perf_counter() - start,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S"), "source": desc}
-        (cache.folder / f"view{view}.json").write_text(json.dumps(meta))
+        write_atomically(cache.meta_file(view), lambda f: f.write(json.dumps(meta).encode()))
     return FeatureDataset(cache.file(view), list(ds.targets))
+
+
+def _claim_folder(folder: Path) -> None:
+    """Create the entry's folder (clearing what killed runs left in it), or say why it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if unwritable_cause(e) is None:
+            raise
+        raise unwritable(folder, e, what=_ADVICE) from None
+    remove_orphans(folder)
 
 
 # ---------------------------------------------------------------------- headstart cache info|clear
 
 
 def cache_entries(root: Path) -> list[dict[str, Any]]:
-    """One dict per cache entry folder: key, views, size in bytes, what it holds."""
+    """One dict per cache entry folder: key, views, size in bytes, what it holds.
+
+    Temporary files of processes that have died are removed first; those of running processes
+    are not counted. An entry whose description does not parse is listed as damaged (training
+    rebuilds it when it needs it).
+    """
     out = []
     if not root.exists():
         return out
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        metas = [json.loads(m.read_text()) for m in sorted(folder.glob("view*.json"))]
-        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        remove_orphans(folder)
+        files = sorted(folder.glob("view*.json"))
+        metas = [m for m in (read_meta(f) for f in files) if m is not None]
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and not f.name.endswith(".tmp"))
+        first = metas[0] if metas else {}
+        source = first.get("source", "?") if metas else "incomplete"
+        if len(metas) < len(files):
+            source = f"damaged ({len(files) - len(metas)} unreadable view description(s)); {source}"
         out.append({"key": folder.name, "views": len(metas), "bytes": size,
-                    "model": metas[0]["model"] if metas else "?", "images": metas[0]["images"] if metas else 0,
-                    "part": metas[0].get("part", "body") if metas else "?",
-                    "source": metas[0].get("source", "?") if metas else "incomplete",
-                    "created": metas[0].get("created", "?") if metas else "?"})
+                    "model": first.get("model", "?"), "images": first.get("images", 0),
+                    "part": first.get("part", "body") if metas else "?",
+                    "source": source, "created": first.get("created", "?")})
     return out
 
 
