@@ -379,11 +379,12 @@ def test_mixup_and_cutmix_train_on_images(tmp_path, monkeypatch):
     monkeypatch.setattr(fit_module, "build_loss", spy)
     res = fit(net, data, cfg, say=_quiet)
     assert np.isfinite(res.history[0]["train_loss"])
-    # The loss saw mixed labels: class probabilities, each row's mass split between two classes.
+    # The loss saw mixed labels: class probabilities, in every batch rows whose mass is split
+    # between two classes (a row mixed with an image of its own class stays one-hot).
     assert targets and all(t.ndim == 2 and t.shape[1] == 3 for t in targets)
-    y = torch.cat(targets)
-    torch.testing.assert_close(y.sum(1), torch.ones(len(y)))
-    assert (y.max(1).values < 0.999).all(), "every batch is mixed: no row is a plain one-hot label"
+    for t in targets:
+        torch.testing.assert_close(t.sum(1), torch.ones(len(t)))
+        assert (t.max(1).values < 1 - 1e-6).any(), f"a batch was not mixed: {t}"
 
 
 def test_unknown_augment_policy_is_a_user_error():
