@@ -1,4 +1,4 @@
-"""Tests for headstart.training.engine / optim / metrics: the training loop, schedules, parameter groups,
+"""Tests for headstart.training (loop, fit, optim) and metrics: the training loop, schedules, parameter groups,
 early stopping, determinism, frozen bodies and the classification report.
 
 Everything uses random-weight models at 32 px on 64 bundled digits; nothing is downloaded.
@@ -22,7 +22,8 @@ from headstart.jobs.train import prepare
 from headstart.models import checkpoint
 from headstart.models.backbones import build_network
 from headstart.models.freeze import trainable_state
-from headstart.training import engine
+from headstart.training import fit as fit_module
+from headstart.training.fit import fit
 from headstart.training.optim import apply_stage, build_optimizer, lr_factor, param_groups, resolve_stages
 from headstart.training.runs import RunDir
 
@@ -51,7 +52,7 @@ def train_argv(out: Path, name: str, *extra: str, model: str = "resnet18") -> li
 def spy_steps(monkeypatch) -> list[dict]:
     """Record, at every optimizer step inside ``fit``, the stage, the optimizer and each group's lr."""
     records: list[dict] = []
-    real = engine.train_one_epoch
+    real = fit_module.train_one_epoch
 
     def spy(*args, **kwargs):
         desc = kwargs.get("desc", args[7] if len(args) > 7 else "")
@@ -64,7 +65,7 @@ def spy_steps(monkeypatch) -> list[dict]:
         kwargs["on_step"] = on_step
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_one_epoch", spy)
+    monkeypatch.setattr(fit_module, "train_one_epoch", spy)
     return records
 
 
@@ -197,7 +198,7 @@ def test_fit_lrs_follow_warmup_cosine_per_stage(tmp_path, monkeypatch):
                                 "train.lr": 0.01, "train.finetune_lr": 0.001, "train.layer_decay": 0.5})
     net, data = prepare(cfg)
     run = RunDir.new(cfg)
-    result = engine.fit(net, data, cfg, run, say=lambda s: None)
+    result = fit(net, data, cfg, run, say=lambda s: None)
     assert [r["stage"] for r in result.history] == ["head", "head", "finetune"]
     head = [r for r in records if r["stage"] == "head"]
     ft = [r for r in records if r["stage"] == "finetune"]
@@ -231,7 +232,7 @@ def test_sgd_onecycle_label_smoothing(tmp_path, monkeypatch):
                                 "train.label_smoothing": 0.1, "train.lr": 0.05, "train.warmup": 0.1})
     net, data = prepare(cfg)
     head_before = {k: v.clone() for k, v in net.head.state_dict().items()}
-    result = engine.fit(net, data, cfg, None, say=lambda s: None)
+    result = fit(net, data, cfg, None, say=lambda s: None)
     assert len(result.history) == 2 and all(math.isfinite(r["train_loss"]) for r in result.history)
     opt = records[0]["opt"]
     assert isinstance(opt, torch.optim.SGD)
@@ -251,14 +252,14 @@ def test_early_stopping_ends_the_stage_not_the_run(tmp_path):
     cfg = tiny_cfg(tmp_path, **{"train.scheduler": "constant", "train.patience": 1})
     cfg.train.stages = stages
     net, data = prepare(cfg)
-    result = engine.fit(net, data, cfg, None, say=lambda s: None)
+    result = fit(net, data, cfg, None, say=lambda s: None)
     # patience counts within each stage: both stop after one epoch without improvement
     assert [(r["stage"], r["epoch"]) for r in result.history] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
     assert len({r["val_acc"] for r in result.history}) == 1
     # without patience every epoch runs
     cfg.train.patience = None
     net, data = prepare(cfg)
-    result = engine.fit(net, data, cfg, None, say=lambda s: None)
+    result = fit(net, data, cfg, None, say=lambda s: None)
     assert len(result.history) == 7
 
 
@@ -352,3 +353,100 @@ def test_head_stage_keeps_frozen_body_and_batchnorm_stats_bit_identical(tmp_path
     # control: fine-tuning with BatchNorm in train mode does change the statistics this test compares
     assert not torch.equal(after_finetune["body.bn1.running_mean"], body["bn1.running_mean"])
     assert int(after_finetune["body.bn1.num_batches_tracked"]) > 7
+
+
+# ---------------------------------------------------------------------- divergence and empty runs
+
+
+def _saves(monkeypatch) -> list[tuple[str, dict]]:
+    """Record every checkpoint written: (file name, payload)."""
+    saved: list[tuple[str, dict]] = []
+    real = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda path, payload: saved.append((Path(path).name, payload))
+                        or real(path, payload))
+    return saved
+
+
+def _all_finite(path: Path) -> bool:
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch):
+    real = fit_module.build_loss
+    calls = []
+
+    def poisoned(*args):  # the 6th training step's loss is nan (epoch 2, step 2: 4 steps an epoch)
+        inner = real(*args)
+
+        def loss(logits, y):
+            calls.append(1)
+            out = inner(logits, y)
+            return out * float("nan") if len(calls) == 6 else out
+        return loss
+
+    monkeypatch.setattr(fit_module, "build_loss", poisoned)
+    saved = _saves(monkeypatch)
+    cfg = tiny_cfg(tmp_path, **{"train.epochs": 3})
+    net, data = prepare(cfg)
+    run = RunDir.new(cfg)
+    with pytest.raises(HeadstartError) as err:
+        fit(net, data, cfg, run, say=lambda s: None)
+    text = str(err.value)
+    assert "stage 1 (head), epoch 2/3, step 2 (step 6 of the run)" in text and "loss is nan" in text
+    assert "--lr" in text and "headstart lr-find --stage 1" in text and "\n" not in text
+    assert [name for name, _ in saved] == ["best.pt", "last.pt"]  # epoch 1's, never overwritten
+    assert torch.load(run.path / "last.pt", weights_only=True)["train_state"]["global_epoch"] == 1
+    assert _all_finite(run.path / "last.pt") and _all_finite(run.path / "best.pt")
+    assert len((run.path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_weights_that_turn_infinite_are_never_saved_mid_epoch(tmp_path, monkeypatch):
+    # An infinite rate makes the head's weights non-finite at the first step of stage b, whose
+    # mid-epoch checkpoint (one every step) would save them: the run stops there instead.
+    saved = _saves(monkeypatch)
+    cfg = tiny_cfg(tmp_path, **{"train.checkpoint_steps": 1})
+    cfg.train.stages = [StageConfig(name="a", epochs=1, freeze="body", lr=1e-3),
+                        StageConfig(name="b", epochs=1, freeze="body", lr=float("inf"))]
+    net, data = prepare(cfg)
+    run = RunDir.new(cfg)
+    with pytest.raises(HeadstartError, match=r"stage 2 \(b\), epoch 1/1, step 1 \(step 5 of the run\): "
+                                             r"the weights are no longer finite") as err:
+        fit(net, data, cfg, run, say=lambda s: None)
+    assert "the lr of stage 'b' in train.stages" in str(err.value)
+    assert [(name, p["train_state"].get("partial", {}).get("batches")) for name, p in saved if name == "last.pt"] \
+        == [("last.pt", 1), ("last.pt", 2), ("last.pt", 3), ("last.pt", None)]  # all of stage a's
+    assert _all_finite(run.path / "last.pt")
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")  # steps skipped
+def test_an_fp16_scaler_that_keeps_skipping_steps_stops_the_run(tmp_path, monkeypatch):
+    # Gradients that always overflow: the scaler skips every step and halves its scale, from 4
+    # to below 1 at the third step. Without a stop, nothing would train and nothing would say so.
+    from headstart.runtime.precision import Precision
+    from headstart.training import inputs as inputs_module
+
+    monkeypatch.setattr(inputs_module, "resolve_precision", lambda spec, device: Precision(
+        None, torch.amp.GradScaler("cpu", init_scale=4.0), device.type))
+    cfg = tiny_cfg(tmp_path, **{"train.epochs": 2})
+    net, data = prepare(cfg)
+    net.head.weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(HeadstartError, match=r"epoch 1/2, step 3 \(step 3 of the run\): the fp16 gradient scaler "
+                                             r"skipped the last 3 step\(s\)"):
+        fit(net, data, cfg, None, say=lambda s: None)
+
+
+def test_a_run_with_no_epochs_says_it_trained_nothing(tmp_path):
+    cfg = tiny_cfg(tmp_path, **{"train.epochs": 0})
+    net, data = prepare(cfg)
+    run = RunDir.new(cfg)
+    result = fit(net, data, cfg, run, say=lambda s: None)
+    assert (result.epochs_run, result.best_checkpoint, result.history) == (0, None, [])
+    assert not (run.path / "best.pt").exists()
+    cfg = tiny_cfg(tmp_path, **{"name": "one"})
+    net, data = prepare(cfg)
+    run = RunDir.new(cfg)
+    result = fit(net, data, cfg, run, say=lambda s: None)
+    assert (result.epochs_run, result.best_checkpoint) == (1, run.path / "best.pt")
+    with pytest.raises(HeadstartError, match="stage 'head' has -1 epochs.*--epochs"):
+        resolve_stages(TrainConfig(epochs=-1), net)

@@ -16,8 +16,10 @@ from headstart.config import RunConfig, apply_overrides
 from headstart.errors import HeadstartError
 from headstart.jobs.train import prepare
 from headstart.training import cache as cache_mod
-from headstart.training.engine import fit
+from headstart.training import fit as fit_module
+from headstart.training.fit import fit, fit_until
 from headstart.training.lr_find import lr_find, suggest
+from headstart.training.optim import lr_factor
 
 TINY = {"model.name": "resnet18", "model.weights": "none", "model.input_size": 32, "data.limit_train": 48,
         "data.limit_val": 24, "data.batch_size": 16, "train.progress": False, "train.epochs": 1}
@@ -234,13 +236,45 @@ def test_cache_cli_info_and_clear(tmp_path, capsys):
 
 
 def test_no_cache_flag_runs_body_every_epoch(tmp_path):
-    cfg = _cfg(**{"train.epochs": 2, "cache.enabled": False})
-    net, data = prepare(cfg)
-    fit(net, data, cfg, say=_quiet)
+    seen, data = _images_through_body(_cfg(**{"train.epochs": 2, "cache.enabled": False}))
+    # every epoch: its training batches (48 images, 3 full batches of 16) and the validation set
+    assert seen == 2 * (len(data.train) + len(data.val))
     assert _entries(tmp_path) == []
 
 
 # ---------------------------------------------------------------------- lr-find
+
+
+def test_fit_until_trains_the_stages_before_the_one_named_as_train_would(tmp_path):
+    cfg = _cfg(**{"train.epochs": 2, "train.finetune_epochs": 1, "data.augment": False})
+    net, data = prepare(cfg)
+    result = fit_until(net, data, cfg, 1, say=_quiet)
+    assert [r["stage"] for r in result.history] == ["head", "head"] and result.run_dir is None
+    whole, _ = prepare(cfg)
+    trained = fit(whole, data, cfg, say=_quiet)
+    assert [r["val_acc"] for r in trained.history[:2]] == [r["val_acc"] for r in result.history]
+    assert fit_until(net, data, cfg, 0, say=_quiet).epochs_run == 0
+
+
+def test_lr_find_for_a_later_stage_starts_from_the_trained_head(tmp_path, monkeypatch):
+    from headstart.training import lr_find as lr_find_module
+
+    heads = []
+    real = lr_find_module.lr_find
+
+    def spy(net, *a, **kw):
+        heads.append(net.head.weight.detach().clone())
+        return real(net, *a, **kw)
+
+    monkeypatch.setattr(lr_find_module, "lr_find", spy)
+    args = ["lr-find", "--model", "resnet18", "--weights", "none", "--input-size", "32", "--limit-train", "48",
+            "--limit-val", "16", "--batch-size", "16", "--epochs", "1", "--finetune-epochs", "1", "--no-progress",
+            "--steps", "8", "--plot", str(tmp_path / "lr.png")]
+    for stage in ("1", "2"):
+        assert main([*args, "--stage", stage]) == 0
+    untrained = prepare(_cfg(**{"data.limit_train": 48, "data.limit_val": 16}))[0].head.weight
+    assert torch.equal(heads[0], untrained), "stage 1 starts from the new head"
+    assert not torch.equal(heads[1], untrained), "stage 2 starts from the head stage 1 trained"
 
 
 def test_lr_find_restores_weights_and_suggests_a_rate_inside_the_range(tmp_path):
@@ -263,15 +297,26 @@ def test_suggest_picks_the_steepest_descent_not_the_minimum():
     assert 3e-4 < s < 3e-3
 
 
-def test_train_with_lr_auto_saves_the_plot(tmp_path, capsys):
+def test_train_with_lr_auto_saves_the_plot(tmp_path, capsys, monkeypatch):
     args = ["train", "--model", "resnet18", "--weights", "none", "--input-size", "32", "--limit-train", "64",
             "--limit-val", "16", "--batch-size", "16", "--epochs", "1", "--lr", "auto", "--no-progress",
             "--no-report", "--output", str(tmp_path), "--name", "auto"]
+    suggested = []
+    real = fit_module.lr_find
+
+    def spy(*a, **kw):
+        result = real(*a, **kw)
+        suggested.append(result.suggestion)
+        return result
+
+    monkeypatch.setattr(fit_module, "lr_find", spy)
     assert main(args) == 0
-    assert "suggested lr" in capsys.readouterr().out
+    assert f"suggested lr {suggested[0]:.3g}" in capsys.readouterr().out
     assert (tmp_path / "auto" / "lr_find.png").exists()
     rows = [json.loads(x) for x in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["lrs"]["head"] != 1e-3
+    # the stage trained at the suggestion: its base rate, and the head's first rate (warm-up step 0 of 4)
+    assert len(suggested) == 1 and rows[0]["base_lr"] == suggested[0]
+    assert rows[0]["lrs"]["head"] == pytest.approx(suggested[0] * lr_factor(0, 4, RunConfig().train.warmup))
 
 
 # ---------------------------------------------------------------------- imbalance, mixing, augment
@@ -290,7 +335,7 @@ def _image_folder(root: Path, counts=(12, 12, 12)) -> Path:
 
 
 def test_balanced_sampler_draws_classes_equally(tmp_path):
-    from headstart.training.engine import _epoch_loader
+    from headstart.training.sampling import epoch_loader
 
     folder = _image_folder(tmp_path / "imb", counts=(40, 8, 4))
     cfg = _cfg(**{"data.source": str(folder), "data.limit_train": None, "data.limit_val": None,
@@ -298,34 +343,48 @@ def test_balanced_sampler_draws_classes_equally(tmp_path):
     _, data = prepare(cfg)
     drawn = []
     for seed in range(20):
-        sampler = _epoch_loader(data.train, cfg, seed, 0).sampler
+        sampler = epoch_loader(data.train, cfg, seed, 0).sampler
         drawn += [data.train.targets[i] for i in sampler]
     share = np.bincount(drawn) / len(drawn)
     assert np.all(np.abs(share - 1 / 3) < 0.06), share
 
 
 def test_class_weights_weight_the_loss_by_inverse_frequency(tmp_path):
-    from headstart.training.engine import _loss
+    from headstart.training.loop import build_loss
 
     folder = _image_folder(tmp_path / "imb", counts=(30, 10, 5))
     cfg = _cfg(**{"data.source": str(folder), "data.limit_train": None, "data.limit_val": None,
                   "train.class_weights": True})
     _, data = prepare(cfg)
-    w = _loss(cfg.train, data, torch.device("cpu")).weight
+    w = build_loss(cfg.train, data, torch.device("cpu")).weight
     counts = np.bincount(data.train.targets)
     assert w[2] > w[1] > w[0]
     torch.testing.assert_close(w * torch.tensor(counts, dtype=torch.float32),
                                torch.full((3,), float(len(data.train)) / 3))
 
 
-def test_mixup_and_cutmix_train_on_images(tmp_path):
+def test_mixup_and_cutmix_train_on_images(tmp_path, monkeypatch):
     folder = _image_folder(tmp_path / "mix")
     cfg = _cfg(**{"data.source": str(folder), "data.limit_train": None, "data.limit_val": None,
                   "train.freeze": "none", "train.mixup": 0.4, "train.cutmix": 1.0,
                   "data.auto_augment": "trivialaugment"})
     net, data = prepare(cfg)
+    targets = []
+    real = fit_module.build_loss
+
+    def spy(*a):
+        loss = real(*a)
+        return lambda logits, y: (targets.append(y.detach().clone()), loss(logits, y))[1]
+
+    monkeypatch.setattr(fit_module, "build_loss", spy)
     res = fit(net, data, cfg, say=_quiet)
     assert np.isfinite(res.history[0]["train_loss"])
+    # The loss saw mixed labels: class probabilities, in every batch rows whose mass is split
+    # between two classes (a row mixed with an image of its own class stays one-hot).
+    assert targets and all(t.ndim == 2 and t.shape[1] == 3 for t in targets)
+    for t in targets:
+        torch.testing.assert_close(t.sum(1), torch.ones(len(t)))
+        assert (t.max(1).values < 1 - 1e-6).any(), f"a batch was not mixed: {t}"
 
 
 def test_unknown_augment_policy_is_a_user_error():
@@ -384,8 +443,19 @@ def test_bf16_autocast_runs_on_cpu_and_fp16_is_refused():
         resolve_precision("fp16", cpu)
     cfg = _cfg(**{"train.precision": "bf16", "train.freeze": "none", "train.channels_last": True})
     net, data = prepare(cfg)
+    seen = []
+
+    def look(module, args):  # what the first convolution sees while training
+        if module.training:
+            x = args[0]
+            seen.append((torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+                         x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                         module.weight.is_contiguous(memory_format=torch.channels_last)))
+
+    net.body.conv1.register_forward_pre_hook(look)
     res = fit(net, data, cfg, say=_quiet)
     assert np.isfinite(res.history[0]["train_loss"])
+    assert len(seen) == 3 and set(seen) == {(torch.bfloat16, True, True)}
 
 
 def test_tensorboard_event_files_hold_steps_epochs_confusion_and_hparams(tmp_path):

@@ -18,9 +18,13 @@ from headstart.cli.main import main
 from headstart.config import RunConfig, apply_overrides
 from headstart.jobs import train as api
 from headstart.jobs.train import prepare
+from headstart.models import checkpoint
 from headstart.runtime.precision import Precision
-from headstart.training import engine
+from headstart.training import fit as fit_module
+from headstart.training import inputs as inputs_module
 from headstart.training.runs import RunDir
+from headstart.training.sampling import epoch_loader
+from headstart.training.state import MidEpochClock
 
 ARGS = [
     "--model", "resnet18", "--weights", "none", "--input-size", "32", "--data", "digits",
@@ -146,13 +150,13 @@ def test_kill_mid_epoch_with_augmentation_and_a_worker_resumes_bit_exact(tmp_pat
     assert [r["global_epoch"] for r in _history(run)] == [1]
 
     skips = []
-    real = engine._epoch_loader
+    real = fit_module.epoch_loader
 
     def spy(dataset, cfg, epoch_seed, workers, skip_batches=0):
         skips.append(skip_batches)
         return real(dataset, cfg, epoch_seed, workers, skip_batches)
 
-    monkeypatch.setattr(engine, "_epoch_loader", spy)
+    monkeypatch.setattr(fit_module, "epoch_loader", spy)
     api.train(RunConfig(), resume=run, say=_quiet)
     assert skips[-1] == 2, "the resumed epoch skips the two batches already trained"
     _assert_same_run(tmp_path / "whole", run)
@@ -165,7 +169,7 @@ def test_kill_mid_epoch_on_cached_features_restores_the_loss_scale(tmp_path, mon
     def precision(spec, device):
         return Precision(None, torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1), device.type)
 
-    monkeypatch.setattr(engine, "resolve_precision", precision)
+    monkeypatch.setattr(inputs_module, "resolve_precision", precision)
     api.train(_mid_cfg(tmp_path, "whole", **{"train.epochs": 2}), say=_quiet)
     whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["train_state"]
     assert whole["scaler"]["scale"] == 2.0 ** (4 + 8)
@@ -187,14 +191,14 @@ def test_augmentation_draws_depend_on_neither_workers_nor_skipped_batches(tmp_pa
     cfg = _mid_cfg(tmp_path, "x", **{"data.limit_train": 48})
     _, data = prepare(cfg)
     before = torch.get_rng_state()
-    plain = _batches(engine._epoch_loader(data.train, cfg, 11, 0))
+    plain = _batches(epoch_loader(data.train, cfg, 11, 0))
     assert torch.equal(before, torch.get_rng_state()), "items drawn in the main process leave its generator alone"
     assert len(plain) == 3
-    with_workers = _batches(engine._epoch_loader(data.train, cfg, 11, 2))
+    with_workers = _batches(epoch_loader(data.train, cfg, 11, 2))
     assert all(torch.equal(a, b) for a, b in zip(plain, with_workers, strict=True))
-    skipped = _batches(engine._epoch_loader(data.train, cfg, 11, 1, skip_batches=2))
+    skipped = _batches(epoch_loader(data.train, cfg, 11, 1, skip_batches=2))
     assert len(skipped) == 1 and torch.equal(skipped[0], plain[2])
-    again = _batches(engine._epoch_loader(data.train, cfg, 12, 0))
+    again = _batches(epoch_loader(data.train, cfg, 12, 0))
     assert not torch.equal(torch.cat(plain).sum(0), torch.cat(again).sum(0)), "another epoch, other draws"
 
 
@@ -203,8 +207,8 @@ def test_a_repeated_balanced_draw_gets_its_own_augmentation(tmp_path):
     # the epoch, not by image, so an image drawn twice is augmented two ways.
     cfg = _mid_cfg(tmp_path, "x", **{"data.limit_train": 48, "data.balanced": True})
     _, data = prepare(cfg)
-    order = [int(i) for i in engine._epoch_loader(data.train, cfg, 5, 0).sampler]
-    images = torch.cat(_batches(engine._epoch_loader(data.train, cfg, 5, 0)))
+    order = [int(i) for i in epoch_loader(data.train, cfg, 5, 0).sampler]
+    images = torch.cat(_batches(epoch_loader(data.train, cfg, 5, 0)))
     first = {}
     repeats = 0
     for pos, i in enumerate(order[: len(images)]):
@@ -217,15 +221,15 @@ def test_a_repeated_balanced_draw_gets_its_own_augmentation(tmp_path):
 
 def test_checkpoint_minutes_writes_mid_epoch_on_the_clock(tmp_path, monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(engine._MidEpoch, "clock", staticmethod(lambda: clock[0]))
+    monkeypatch.setattr(MidEpochClock, "clock", staticmethod(lambda: clock[0]))
 
     def tick(self, n, loss, lrs):
         clock[0] += 40.0  # every step "takes" 40 s: with 1.5 minutes, a checkpoint after every 3rd step
 
     monkeypatch.setattr(RunDir, "tb_step", tick)
     saved = []
-    real = engine.checkpoint.save
-    monkeypatch.setattr(engine.checkpoint, "save", lambda path, payload: saved.append(
+    real = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda path, payload: saved.append(
         (Path(path).name, (payload.get("train_state") or {}).get("partial", {}).get("batches"))) or real(path, payload))
     cfg = _mid_cfg(tmp_path, "clock", **{"train.checkpoint_steps": None, "train.checkpoint_minutes": 1.5,
                                          "train.epochs": 2, "data.limit_train": 96})

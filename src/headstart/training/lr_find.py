@@ -26,6 +26,10 @@ import torch
 from headstart.config import RunConfig, StageConfig
 from headstart.errors import HeadstartError
 from headstart.models.network import Network
+from headstart.runtime.device import pick_device, seed_everything
+from headstart.training.inputs import StageInputs
+from headstart.training.optim import apply_stage, build_optimizer, resolve_stages
+from headstart.training.sampling import epoch_loader
 
 
 @dataclass
@@ -65,11 +69,12 @@ def lr_find(
     steps: int = 100,
     say: Callable[[str], None] = print,
 ) -> LRFindResult:
-    """Run the range test for ``stage`` (default: the first stage of ``cfg``'s schedule)."""
-    from headstart.runtime.device import pick_device, seed_everything
-    from headstart.training.engine import StageInputs, _epoch_loader
-    from headstart.training.optim import apply_stage, build_optimizer, resolve_stages
+    """Run the range test for ``stage`` (default: the first stage of ``cfg``'s schedule) on ``net`` as it is.
 
+    The test starts from ``net``'s weights as they are: for a later stage, train the stages
+    before it first (:func:`headstart.training.fit.fit_until`), or it measures the rates that
+    suit an untrained head instead.
+    """
     device = pick_device(cfg.train.device)
     net.to(device)
     stage = copy.deepcopy(stage or resolve_stages(cfg.train, net)[0])
@@ -87,7 +92,7 @@ def lr_find(
     net.train()
     step = 0
     while step < steps:
-        for x, y in _epoch_loader(inputs.train_view(0), cfg, cfg.train.seed + step, inputs.workers):
+        for x, y in epoch_loader(inputs.train_view(0), cfg, cfg.train.seed + step, inputs.workers):
             lr = start * ratio**step
             for g, b in zip(opt.param_groups, base):
                 g["lr"] = lr * b

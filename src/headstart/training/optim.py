@@ -20,24 +20,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from headstart.config import StageConfig, TrainConfig
+from headstart.config import RunConfig, StageConfig, TrainConfig
 from headstart.errors import HeadstartError
-from headstart.models.freeze import freeze, unfreeze_last
+from headstart.models.freeze import bn_mode, count_params, freeze, trainable_state, unfreeze_last
 from headstart.models.network import Network
+from headstart.training.cache import cacheable_part
 
 SCHEDULERS = ("cosine", "onecycle", "constant")
 
 
 def resolve_stages(cfg: TrainConfig, net: Network) -> list[StageConfig]:
-    """The stages to run: ``cfg.stages`` when given, else the seed's two phases or gradual unfreezing."""
+    """The stages to run: ``cfg.stages`` when given, else the seed's two phases or gradual unfreezing.
+
+    Stages of 0 epochs are left out; a negative epoch count is an error.
+    """
     if cfg.stages:
         # A stage without its own rate takes train.lr (which may be "auto").
-        return [dataclasses.replace(s, lr=s.lr if s.lr is not None else cfg.lr) for s in cfg.stages]
+        return _with_epochs([dataclasses.replace(s, lr=s.lr if s.lr is not None else cfg.lr) for s in cfg.stages])
     stages = [StageConfig(name="head", epochs=cfg.epochs, freeze=cfg.freeze, lr=cfg.lr)]
     if cfg.schedule == "gradual":
         # ULMFiT-style: one more depth group joins every epoch, deepest first.
@@ -58,7 +63,22 @@ def resolve_stages(cfg: TrainConfig, net: Network) -> list[StageConfig]:
                 bn=cfg.finetune_bn,
             )
         )
+    return _with_epochs(stages, {"head": "--epochs", "finetune": "--finetune-epochs"})
+
+
+def _with_epochs(stages: list[StageConfig], flags: dict[str, str] | None = None) -> list[StageConfig]:
+    for s in stages:
+        if s.epochs < 0:
+            where = (flags or {}).get(s.name, "its epochs in train.stages")
+            raise HeadstartError(f"stage {s.name!r} has {s.epochs} epochs: give 0 (to skip it) or more ({where})")
     return [s for s in stages if s.epochs > 0]
+
+
+def lr_flag(cfg: TrainConfig, stage: StageConfig) -> str:
+    """Where the user sets ``stage``'s base learning rate: a command-line flag, or the stage's entry."""
+    if cfg.stages:
+        return f"the lr of stage {stage.name!r} in train.stages"
+    return "--lr" if stage.name == "head" else "--finetune-lr"
 
 
 def apply_stage(net: Network, stage: StageConfig) -> None:
@@ -67,6 +87,73 @@ def apply_stage(net: Network, stage: StageConfig) -> None:
     net.bn_policy = stage.bn
     aux_trains = any(p.requires_grad for path in net.aux for p in net.body.get_submodule(path).parameters())
     net.set_aux(aux_trains)
+
+
+@dataclass
+class StagePlan:
+    """One stage as it applies to a network: what it trains, at which rates, what it reads from the cache.
+
+    ``lr`` is the stage's base rate, or ``"auto"`` until the range test has chosen it; ``lrs``
+    holds each group's rate (with ``auto``: its multiplier of the rate to be chosen). ``states``
+    and ``bn_modes`` map each depth group (and ``head``) to trainable / frozen / partial and to
+    its BatchNorm mode in training; ``cache`` says what the feature cache would give the stage.
+    """
+
+    name: str
+    epochs: int
+    lr: float | str
+    layer_decay: float
+    freeze: str
+    bn: str
+    states: dict[str, str]
+    bn_modes: dict[str, str]
+    lrs: dict[str, float]
+    cache: str
+    trainable: int
+    total: int
+
+    @property
+    def what(self) -> str:
+        """The stage in a few words."""
+        return "freeze the body, train the classifier" if self.freeze == "body" else "unfreeze and fine-tune"
+
+
+def describe_stage(net: Network, stage: StageConfig, cfg: RunConfig) -> StagePlan:
+    """Apply ``stage`` to ``net`` (freezing, BatchNorm policy, aux heads, as training does) and describe it.
+
+    Example::
+
+        >>> from headstart.models.backbones import build_network
+        >>> net = build_network("resnet18", weights="none", num_classes=3)
+        >>> plan = describe_stage(net, StageConfig(name="head", epochs=2, freeze="body", lr=1e-3), RunConfig())
+        >>> plan.states["layer4"], plan.states["head"], plan.trainable, plan.cache
+        ('frozen', 'trainable', 1539, "the whole body's features, computed once")
+    """
+    apply_stage(net, stage)
+    lr = stage.lr if stage.lr is not None else cfg.train.lr
+    total, trainable = count_params(net)
+    return StagePlan(name=stage.name, epochs=stage.epochs, lr=lr, layer_decay=stage.layer_decay,
+                     freeze=stage.freeze, bn=stage.bn, states=trainable_state(net), bn_modes=bn_mode(net),
+                     lrs=group_lrs(net, stage, 1.0 if lr == "auto" else float(lr)), cache=cache_plan(net, cfg),
+                     trainable=trainable, total=total)
+
+
+def cache_plan(net: Network, cfg: RunConfig) -> str:
+    """What a stage, as ``net`` is frozen now, would read from the feature cache.
+
+    Training checks more once it has the data (MixUp/CutMix, the prefix's size against
+    ``cache.max_gb``): see :class:`headstart.training.inputs.StageInputs`.
+    """
+    part, cut = cacheable_part(net, cfg.cache)
+    if part == "body":
+        return "the whole body's features, computed once"
+    if part == "prefix" and net.chain is not None:
+        return f"the frozen first {cut} of {len(net.chain)} body steps (up to {net.chain[cut - 1].name}), computed once"
+    if not cfg.cache.enabled:
+        return "off"
+    if net.bn_policy == "train":
+        return "none (frozen BatchNorm uses batch statistics)"
+    return "none (images go through the whole network every epoch)"
 
 
 def group_lrs(net: Network, stage: StageConfig, base_lr: float) -> dict[str, float]:

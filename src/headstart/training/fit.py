@@ -1,0 +1,334 @@
+"""``fit``: the stages of the schedule one after another, with best tracking, checkpoints and console lines.
+
+``fit`` runs the stages of the schedule (see :mod:`headstart.training.optim`) one after another.
+Each epoch is seeded from the run's seed and its index (:mod:`headstart.training.sampling`), so a
+run on the CPU repeats exactly and a run resumed from its last checkpoint continues exactly as if
+it had never stopped (:mod:`headstart.training.state`). A run that diverges (a loss or weights
+that are not finite, or an fp16 scaler that keeps skipping steps) stops with a
+:class:`~headstart.training.loop.Diverged` error naming the stage, epoch and step; nothing
+non-finite is ever written, so ``last.pt`` and ``best.pt`` stay as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from headstart.config import RunConfig, StageConfig
+from headstart.data.core import DataBundle, make_loader
+from headstart.errors import HeadstartError
+from headstart.evaluation.inference import evaluate
+from headstart.evaluation.metrics import ClassReport
+from headstart.models.network import Network
+from headstart.runtime.device import pick_device, seed_everything, set_cpu_speed_flags
+from headstart.runtime.distributed import all_sum, init_from_env, local_device
+from headstart.runtime.distributed import world as current_world
+from headstart.training.inputs import StageInputs
+from headstart.training.loop import (
+    Diverged,
+    EpochProgress,
+    EpochStats,
+    build_loss,
+    optimizer_lrs,
+    train_one_epoch,
+    weights_finite,
+)
+from headstart.training.lr_find import lr_find
+from headstart.training.optim import (
+    StagePlan,
+    build_optimizer,
+    build_scheduler,
+    describe_stage,
+    lr_flag,
+    resolve_stages,
+    stage_lr,
+)
+from headstart.training.runs import RunDir
+from headstart.training.sampling import epoch_loader, epoch_seed, steps_per_epoch
+from headstart.training.state import CheckpointWriter, FitState, MidEpochClock, StageRun, rng_state, set_rng_state
+
+
+@dataclass
+class FitResult:
+    """What a fit did. ``epochs_run`` counts the epochs this call trained: 0 means nothing was trained.
+
+    ``best_checkpoint`` is the run folder's ``best.pt`` when one exists (None without a run
+    folder, or when no epoch was ever saved); ``best_accuracy`` is -1 when no epoch has run.
+    """
+
+    best_accuracy: float
+    final: ClassReport | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: Path | None = None
+    seconds: float = 0.0
+    epochs_run: int = 0
+    best_checkpoint: Path | None = None
+
+
+@dataclass
+class _Fit:
+    """What stays the same through one call of :func:`fit`, with the state that moves on."""
+
+    net: Network
+    data: DataBundle
+    cfg: RunConfig
+    run: RunDir | None
+    say: Callable[[str], None]
+    device: torch.device
+    loss_fn: nn.Module
+    state: FitState
+    started: float
+    writer: CheckpointWriter | None
+    clock: MidEpochClock | None
+    epochs_run: int = 0
+
+
+def fit(
+    net: Network,
+    data: DataBundle,
+    cfg: RunConfig,
+    run: RunDir | None = None,
+    *,
+    resume: dict[str, Any] | None = None,
+    say: Callable[[str], None] = print,
+) -> FitResult:
+    """Train ``net`` on ``data`` through every stage of ``cfg.train``'s schedule.
+
+    With ``run`` the resolved config, per-epoch metrics and checkpoints (``best.pt`` by validation
+    accuracy, ``last.pt`` with the full training state) are written to the run folder. ``resume``
+    is a ``last.pt`` checkpoint to continue from, mid-schedule. Raises
+    :class:`~headstart.training.loop.Diverged` (a :class:`HeadstartError`) when training diverges.
+    """
+    job = _start(net, data, cfg, run, resume, say)
+    stages = resolve_stages(job.cfg.train, net)
+    job.state.skip_finished_stage(stages)
+    final: ClassReport | None = None
+    for si, stage in enumerate(stages):
+        if si < job.state.stage:
+            continue
+        final = _train_stage(job, si, stage, len(stages)) or final
+        job.state.next_stage(si)
+    if final is None:  # nothing trained (no epochs, or a resumed, finished run): evaluate once
+        final = evaluate(net, make_loader(data.val, batch_size=cfg.data.batch_size * 2, shuffle=False,
+                                          workers=cfg.data.workers, seed=cfg.train.seed), data.classes, job.device)
+    folder = job.run.path if job.run is not None else None
+    best = folder / "best.pt" if folder is not None and (folder / "best.pt").exists() else None
+    return FitResult(job.state.best, final, job.state.history, folder, time.perf_counter() - job.started,
+                     job.epochs_run, best)
+
+
+def fit_until(net: Network, data: DataBundle, cfg: RunConfig, stage_index: int, *,
+              say: Callable[[str], None] = print) -> FitResult:
+    """Train the stages of ``cfg``'s schedule before ``stage_index`` (0-based), as ``train`` would, in no run folder.
+
+    What ``headstart lr-find --stage N`` runs first, so that its test starts where stage N
+    would: from the trained head rather than the new, untrained one.
+    """
+    cfg = copy.deepcopy(cfg)
+    cfg.train.stages = resolve_stages(cfg.train, net)[:stage_index]
+    if not cfg.train.stages:
+        return FitResult(-1.0, None)
+    return fit(net, data, cfg, None, say=say)
+
+
+def _start(net: Network, data: DataBundle, cfg: RunConfig, run: RunDir | None, resume: dict[str, Any] | None,
+           say: Callable[[str], None]) -> _Fit:
+    tc = cfg.train
+    w = init_from_env(tc.device)
+    device = pick_device(local_device(tc.device))
+    if not w.main:  # only rank 0 talks and writes
+        say, run = (lambda _: None), None
+        cfg = copy.deepcopy(cfg)
+        cfg.train.progress = False
+    set_cpu_speed_flags()
+    net.to(device)
+    state = FitState.from_checkpoint(resume)
+    writer = CheckpointWriter(run, net, data, cfg) if run is not None else None
+    return _Fit(net, data, cfg, run, say, device, build_loss(tc, data, device), state,
+                time.perf_counter() - state.seconds, writer, MidEpochClock.for_run(run, tc))
+
+
+def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport | None:
+    """Every remaining epoch of stage ``si``; the last epoch's validation report (None: none ran)."""
+    state = job.state
+    if stage.lr == "auto":
+        stage = _auto_lr(job, stage)
+    plan = describe_stage(job.net, stage, job.cfg)  # applies the stage: freezing, BatchNorm policy, aux heads
+    for line in stage_lines(plan, si, n):
+        job.say(line)
+    inputs = StageInputs(job.net, job.data, job.cfg, job.device, job.say)
+    sr = _stage_run(job, si, stage, inputs)
+    if state.partial:
+        job.say(f"   continuing epoch {state.epoch + 1}/{stage.epochs} after its first "
+                f"{state.partial['batches']} batches")
+    final = None
+    for epoch in range(state.epoch, stage.epochs):
+        row, final = _run_epoch(job, sr, inputs, epoch)
+        _end_epoch(job, sr, epoch, row)
+        if state.stopped:
+            job.say(f"   early stop: no improvement for {job.cfg.train.patience} epoch(s)")
+            break
+    return final
+
+
+def _stage_run(job: _Fit, si: int, stage: StageConfig, inputs: StageInputs) -> StageRun:
+    """The stage's optimizer and per-step schedule, continuing from the saved ones when resuming mid-stage."""
+    tc, state = job.cfg.train, job.state
+    opt = build_optimizer(job.net, stage, tc)
+    sched = build_scheduler(opt, steps_per_epoch(job.data.train, job.cfg) * stage.epochs, tc)
+    if state.resumes_mid_stage():
+        opt.load_state_dict(state.optimizer)
+        sched.load_state_dict(state.scheduler)
+        scaler = inputs.precision.scaler
+        if scaler is not None and state.scaler:  # the fp16 loss scale it had reached
+            scaler.load_state_dict(state.scaler)
+    return StageRun(si, stage, opt, sched, inputs.precision)
+
+
+def _run_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tuple[dict[str, Any], ClassReport]:
+    """Train one epoch of the stage (or what is left of it) and validate: the epoch's row and report."""
+    state, stage = job.state, sr.stage
+    seed = epoch_seed(job.cfg.train.seed, state.global_epoch)
+    partial, state.partial = state.partial, None  # this epoch was stopped after some of its batches
+    done = partial["batches"] if partial else 0
+    train_set = inputs.train_view(epoch)  # may extract an augmented view: before seeding
+    seed_everything(seed)  # augmentation and dropout draws of this epoch
+    loader = epoch_loader(train_set, job.cfg, seed, inputs.workers, done)
+    lrs = optimizer_lrs(sr.opt) if partial is None else dict(partial["lrs"])  # the rates the epoch began with
+    begun = _continue_epoch(partial, job.device) if partial is not None else None
+    first_step = state.step - done
+    try:
+        tr = _train_epoch(job, sr, inputs, epoch, loader, begun, len(loader) + done, lrs)
+        if not weights_finite(job.net):
+            raise Diverged("the weights are no longer finite", len(loader) + done)
+    except Diverged as e:
+        raise Diverged(e.reason, e.batch, message=diverged_text(job, sr, epoch, e, first_step)) from None
+    report = evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device)
+    state.global_epoch += 1
+    setup, inputs.setup_seconds = inputs.setup_seconds, 0.0  # reported once, with the stage's first epoch
+    return {
+        "stage": stage.name, "stage_index": sr.index, "epoch": epoch + 1, "global_epoch": state.global_epoch,
+        "setup_seconds": setup, "base_lr": stage.lr,
+        "train_loss": tr.loss, "train_acc": tr.accuracy, "val_loss": report.loss, "val_acc": report.top1,
+        "val_top5": report.top5, "seconds": tr.seconds, "images_per_s": tr.images_per_s, "lrs": lrs,
+    }, report
+
+
+def _continue_epoch(partial: dict[str, Any], device: torch.device) -> EpochProgress:
+    """The generators and the running sums of an epoch stopped after ``partial["batches"]`` batches."""
+    set_rng_state(partial["rng"], device)
+    begun = EpochProgress(partial["batches"], seconds=partial["seconds"])
+    if current_world().main:  # the sums saved are over all ranks: one rank carries them on
+        begun.loss_sum, begun.correct, begun.seen = partial["loss_sum"], partial["correct"], partial["seen"]
+    return begun
+
+
+def _train_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int, loader: Any,
+                 begun: EpochProgress | None, total_batches: int, lrs: dict[str, float]) -> EpochStats:
+    """The training pass, with the per-step TensorBoard scalars and the mid-epoch checkpoints."""
+    state, run, clock = job.state, job.run, job.clock
+
+    def after_step(loss: float, o: torch.optim.Optimizer) -> None:
+        state.step += 1
+        if run is not None:
+            run.tb_step(state.step, loss, optimizer_lrs(o))
+
+    def on_batch(p: EpochProgress) -> None:
+        if clock is None or not clock.due(p.batches, total_batches):
+            return
+        loss_sum, correct, seen = all_sum(p.loss_sum, p.correct, p.seen)  # all ranks take part
+        if job.writer is not None:
+            if not weights_finite(job.net):
+                raise Diverged("the weights are no longer finite", p.batches)
+            job.writer.mid_epoch(state, sr, epoch, {
+                "batches": p.batches, "loss_sum": loss_sum, "correct": int(correct), "seen": int(seen),
+                "seconds": p.seconds, "lrs": lrs, "base_lr": sr.stage.lr, "rng": rng_state(job.device)},
+                seconds=time.perf_counter() - job.started)
+        clock.saved()
+
+    tc = job.cfg.train
+    return train_one_epoch(job.net, loader, sr.opt, sr.sched, job.loss_fn, job.device, tc.progress,
+                           f"{sr.stage.name} {epoch + 1}/{sr.stage.epochs}", forward=inputs.forward(),
+                           precision=inputs.precision, mix=inputs.mix(), channels_last=inputs.channels_last,
+                           after_step=after_step, start=begun, on_batch=on_batch if clock is not None else None)
+
+
+def _end_epoch(job: _Fit, sr: StageRun, epoch: int, row: dict[str, Any]) -> None:
+    """Record the epoch: history, console line, best tracking, checkpoints."""
+    state = job.state
+    state.history.append(row)
+    state.seconds = time.perf_counter() - job.started
+    job.epochs_run += 1
+    state.track_best(row, job.cfg.train.patience)
+    job.say(epoch_line(row, sr.stage))
+    if job.writer is not None:
+        job.writer.epoch_end(state, sr, epoch + 1, row)
+    if job.clock is not None:
+        job.clock.saved()
+
+
+def _auto_lr(job: _Fit, stage: StageConfig) -> StageConfig:
+    """The stage with its rate set by the learning-rate range test (plot saved in the run folder).
+
+    Resuming mid-stage reuses the rate chosen when the stage began (recorded in the history).
+    """
+    state = job.state
+    if state.resumes_mid_stage():
+        partial = state.partial or {}
+        if isinstance(partial.get("base_lr"), float):  # stopped inside the stage's first epoch
+            return dataclasses.replace(stage, lr=partial["base_lr"])
+        chosen = [r["base_lr"] for r in state.history if r.get("stage") == stage.name and "base_lr" in r]
+        if chosen:
+            return dataclasses.replace(stage, lr=chosen[-1])
+    if current_world().enabled:
+        raise HeadstartError("lr: auto is not supported under torchrun (each rank would test its own shard); "
+                             "run `headstart lr-find` in one process and pass the rate it suggests")
+    result = lr_find(job.net, job.data, job.cfg, stage, say=lambda _: None)
+    if job.run is not None:
+        plot = result.save_plot(job.run.path / f"lr_find-{stage.name}.png")
+        shutil.copyfile(plot, job.run.path / "lr_find.png")  # the report shows the latest one
+    job.say(f"   learning-rate range test for stage {stage.name}: suggested lr {result.suggestion:.3g}")
+    return dataclasses.replace(stage, lr=result.suggestion)
+
+
+def diverged_text(job: _Fit, sr: StageRun, epoch: int, e: Diverged, first_step: int) -> str:
+    """One line: where training diverged, what was seen, what to do, and what the run folder still holds."""
+    stage = sr.stage
+    where = f"stage {sr.index + 1} ({stage.name}), epoch {epoch + 1}/{stage.epochs}"
+    if e.batch is not None:
+        where += f", step {e.batch} (step {first_step + e.batch} of the run)"
+    lr = stage_lr(stage, job.cfg.train)
+    text = (f"training diverged in {where}: {e.reason}; the learning rate {lr:.3g} is likely too high: "
+            f"lower {lr_flag(job.cfg.train, stage)} or run `headstart lr-find --stage {sr.index + 1}`")
+    if job.run is None:
+        return text
+    if (job.run.path / "last.pt").exists():
+        return text + f"; nothing non-finite was saved: {job.run.path / 'last.pt'} holds the last finite state"
+    return text + "; no checkpoint was written"
+
+
+def stage_lines(plan: StagePlan, si: int, n: int) -> list[str]:
+    """The console's announcement of stage ``si`` of ``n``: what it freezes and trains, at which rate."""
+    frozen = [g for g, s in plan.states.items() if s == "frozen"]
+    live = [g for g, s in plan.states.items() if s != "frozen"]
+    decay = f" (layer decay {plan.layer_decay:g})" if plan.layer_decay != 1.0 else ""
+    return [f"\n== stage {si + 1}/{n}: {plan.name} ({plan.what}) — {plan.epochs} epoch(s), lr {plan.lr}{decay}, "
+            f"BatchNorm {plan.bn}",
+            f"   frozen: {', '.join(frozen) or 'nothing'}",
+            f"   training: {', '.join(live)}  ({plan.trainable:,} of {plan.total:,} parameters)"]
+
+
+def epoch_line(row: dict[str, Any], stage: StageConfig) -> str:
+    """The console's line for one epoch."""
+    mark = "  *best*" if row.get("best") else ""
+    return (f"   epoch {row['epoch']}/{stage.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
+            f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  ({row['images_per_s']:.0f} img/s){mark}")
