@@ -4,7 +4,7 @@ Both contenders train only a new final layer on a frozen EfficientNet-Lite0 (rea
 weights) at 128 px, on a class-balanced CIFAR-10 subset (5,000 train / 1,000 val JPEGs), for 10
 epochs, validating after every epoch:
 
-* ``headstart``: ``headstart.jobs.train.prepare`` + ``headstart.training.engine.fit`` with ``cache.enabled=True``
+* ``headstart``: ``headstart.jobs.train.prepare`` + ``headstart.training.fit.fit`` with ``cache.enabled=True``
   and a fresh, empty cache folder, so extracting the features is part of its time;
 * ``hand``: the seed's plain PyTorch loop: ImageFolder + DataLoader, the frozen body run forward
   every epoch (eval mode, ``torch.no_grad()``), the head trained.
@@ -65,7 +65,7 @@ def headstart_cfg(args: Any, subset: Path, cache_dir: Path) -> Any:
 
 
 def run_headstart(net: Any, data: Any, cfg: Any) -> dict[str, Any]:
-    from headstart.training.engine import fit
+    from headstart.training.fit import fit
 
     cpu0, start = child_cpu(), time.perf_counter()
     result = fit(net, data, cfg, None, say=lambda m: common.log("  hs: " + m.strip()) if m.strip() else None)
@@ -170,11 +170,11 @@ def main() -> None:
     n_train, n_val = args.per_class or ((50, 20) if args.quick else (500, 100))
     subset = common.subset_for(args, BENCH, n_train, n_val)
 
-    from headstart.data.core import _usable_cpus
+    from headstart.data.loaders import usable_cpus
     from headstart.jobs.train import prepare
 
     if args.hand_workers is None:
-        args.hand_workers = max(0, min(4, _usable_cpus() - 1))  # headstart's default_workers for files
+        args.hand_workers = max(0, min(4, usable_cpus() - 1))  # headstart's default_workers for files
 
     runs: dict[str, list[dict[str, Any]]] = {"headstart": [], "hand": []}
     prepare_secs = []

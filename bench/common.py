@@ -84,7 +84,7 @@ def setup_torch(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    # headstart's fit() sets this process-wide (engine.set_cpu_speed_flags); set it up front so
+    # headstart's fit() sets this process-wide (runtime.device.set_cpu_speed_flags); set it up front so
     # a hand-written contender that runs first gets the same treatment.
     torch.set_flush_denormal(True)
 

@@ -46,7 +46,8 @@ def main() -> None:
     import torch
 
     from headstart.config import DataConfig
-    from headstart.data.core import build_data, default_workers, make_loader
+    from headstart.data import build_data, make_loader
+    from headstart.data.loaders import default_workers
     from headstart.data.memory import enable_batch_transforms
     from headstart.models.backbones import build_network
     from headstart.runtime.device import pick_device

@@ -5,7 +5,7 @@ Both contenders train every parameter of the same architecture (MobileNetV2 with
 fp32, on the same pre-decoded real CIFAR-10 images held in memory as ready batches, so the data
 pipeline is not measured:
 
-* ``headstart``: ``headstart.training.engine.train_one_epoch`` over the batches, with the optimizer and the
+* ``headstart``: ``headstart.training.loop.train_one_epoch`` over the batches, with the optimizer and the
   schedule headstart builds for a fine-tuning stage (``optim.build_optimizer`` /
   ``build_scheduler``: AdamW with per-depth-group parameter groups, warmup + cosine per step);
 * ``hand``: the textbook loop on a plain torchvision (or timm) model: forward, cross-entropy,
@@ -42,7 +42,7 @@ def load_batches(subset: Path, pre: Any, n_batches: int, batch: int, seed: int) 
     import torch
     from torchvision import datasets
 
-    from headstart.data.core import build_transform
+    from headstart.data import build_transform
 
     ds = datasets.ImageFolder(str(subset / "train"), transform=build_transform(pre, train=False, augment=False))
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[: n_batches * batch]
@@ -106,7 +106,7 @@ def main() -> None:
     from headstart.config import StageConfig, TrainConfig
     from headstart.models.backbones import build_network
     from headstart.runtime.precision import resolve_precision
-    from headstart.training.engine import train_one_epoch
+    from headstart.training.loop import train_one_epoch
     from headstart.training.optim import apply_stage, build_optimizer, build_scheduler, lr_factor
 
     device = torch.device("cpu")

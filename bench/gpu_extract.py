@@ -7,7 +7,7 @@ synthetic images already resident on the device, under ``torch.inference_mode``:
 * ``eager_fp32``: the baseline, NCHW float32, no autocast;
 * ``headstart``: headstart's speed settings: bf16 autocast (``speed.resolve_precision("bf16")``),
   channels-last model and input, and with ``--compile`` ``torch.compile`` of the bound
-  ``features`` method (the way ``engine.StageInputs`` compiles ``forward_train``); the compile
+  ``features`` method (the way ``training.inputs.StageInputs`` compiles ``forward_train``); the compile
   time (the first call) is reported separately and excluded from images/s.
 
 After warm-up the two alternate (A B A B ...) for ``--rounds`` rounds of ``--iters`` batches; the

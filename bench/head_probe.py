@@ -145,7 +145,7 @@ def _class_weights(y: np.ndarray, c: int) -> np.ndarray:
 def train_sgd_head(head: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float = 1e-3,
                    wd: float = 0.01, batch: int = 64, warmup: float = 0.1, seed: int = 0,
                    class_weights: np.ndarray | None = None, smoothing: float = 0.0) -> torch.nn.Module:
-    """headstart's head stage on cached features, as engine.fit runs it with the default config:
+    """headstart's head stage on cached features, as training.fit.fit runs it with the default config:
     AdamW (no decay on biases), per-step linear warmup then cosine, seeded shuffles, drop_last,
     the head in train mode (dropout on)."""
     from headstart.training.optim import lr_factor

@@ -3,7 +3,7 @@
 EfficientNet-Lite0 (real ImageNet weights) at 128 px on the 5,000/1,000 CIFAR-10 subset: one
 fine-tuning stage that trains the last ``--unfreeze`` depth groups and the head (the first ones
 frozen, BatchNorm in eval mode, headstart's fine-tuning learning rate and layer decay), for
-``--epochs`` epochs without augmentation, run twice through ``headstart.training.engine.fit``:
+``--epochs`` epochs without augmentation, run twice through ``headstart.training.fit.fit``:
 
 * ``prefix``: headstart's default: the frozen first part of the body runs once over the images
   (``cache.prefix=true``, a fresh cache folder, so that extraction is inside its time) and each
@@ -36,7 +36,7 @@ def run(args: Any, subset: Path, prefix: bool, cache_dir: Path) -> dict[str, Any
     from headstart.config import RunConfig, StageConfig
     from headstart.jobs.train import prepare
     from headstart.models.freeze import unfreeze_last
-    from headstart.training.engine import fit
+    from headstart.training.fit import fit
 
     cfg = RunConfig()
     cfg.model.name, cfg.model.weights, cfg.model.input_size = "tf_efficientnet_lite0", "DEFAULT", args.size

@@ -9,7 +9,7 @@ b. ``head_only``: ``headstart train --model tf_efficientnet_lite0 --weights DEFA
    --data SUBSET --epochs 10`` — headstart's default head recipe on cached features, fresh cache;
 c. ``finetune``: the same command plus ``--finetune-epochs K`` (headstart's default fine-tuning
    schedule), K chosen so the whole run fits a 15-minute budget: one fine-tuning step is timed
-   first (``engine.train_one_epoch`` on a few real batches with the default augmentation and
+   first (``training.loop.train_one_epoch`` on a few real batches with the default augmentation and
    loader; the faster of two chunks counts), the validation pass is estimated from (b)'s
    measured extraction speed, and the fixed cost from (b)'s run, with a 20% margin. (c) reuses
    the feature cache that (b) wrote, as a second run on the same machine would;
@@ -63,14 +63,15 @@ def baseline(subset: Path, args: Any) -> dict[str, Any]:
     from torch.utils.data import DataLoader
     from torchvision import datasets
 
-    from headstart.data.core import _usable_cpus, build_transform
+    from headstart.data import build_transform
+    from headstart.data.loaders import usable_cpus
     from headstart.models.backbones import build_network
 
     start = time.perf_counter()
     net = build_network(MODEL, WEIGHTS, input_size=args.size)
     body = net.body.eval()
     tf = build_transform(net.preprocessing, train=False, augment=False)
-    workers = max(0, min(4, _usable_cpus() - 1))
+    workers = max(0, min(4, usable_cpus() - 1))
 
     def features(split: str) -> tuple[np.ndarray, np.ndarray]:
         ds = datasets.ImageFolder(str(subset / split), transform=tf)
@@ -182,8 +183,9 @@ def time_finetune_step(subset: Path, args: Any) -> dict[str, Any]:
     from headstart.jobs.train import prepare
     from headstart.runtime.device import pick_device
     from headstart.runtime.precision import resolve_precision
-    from headstart.training.engine import _epoch_loader, _loss, train_one_epoch
+    from headstart.training.loop import build_loss, train_one_epoch
     from headstart.training.optim import apply_stage, build_optimizer, build_scheduler, resolve_stages
+    from headstart.training.sampling import epoch_loader
 
     cfg = RunConfig()
     cfg.model.name, cfg.model.weights, cfg.model.input_size = MODEL, WEIGHTS, args.size
@@ -196,9 +198,9 @@ def time_finetune_step(subset: Path, args: Any) -> dict[str, Any]:
     opt = build_optimizer(net, stage, cfg.train)
     sched = build_scheduler(opt, 100, cfg.train)
 
-    loader = _epoch_loader(data.train, cfg, 0, cfg.data.workers)
+    loader = epoch_loader(data.train, cfg, 0, cfg.data.workers)
     kw = {"progress": False, "precision": resolve_precision("auto", device), "channels_last": False}
-    loss_fn = _loss(cfg.train, data, device)
+    loss_fn = build_loss(cfg.train, data, device)
     # Warm-up: the first ~3 steps run up to 1.5x slower (allocator, oneDNN primitives), and the worker starts.
     train_one_epoch(net, _Take(loader, 3), opt, sched, loss_fn, device, **kw)
     n = args.calib_steps

@@ -91,7 +91,6 @@ def make_checkpoint(work: Path) -> Path:
     import torch
 
     import headstart as hs
-
     from headstart.models import model_record
 
     path = work / "mobilenet_v2-imagenet1k.pt"

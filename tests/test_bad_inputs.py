@@ -85,7 +85,6 @@ def cache_entry(cache: Path) -> Path:
 # ====================================================================== silent results and lost data
 
 
-@xfail("1. a symlink loop multiplies the images and leaks them into validation")
 def test_symlink_loop_counts_each_image_once_and_says_what_was_skipped(tmp_path):
     data = make_folder(tmp_path / "data")
     os.symlink(".", data / "cat" / "loop")
@@ -96,7 +95,6 @@ def test_symlink_loop_counts_each_image_once_and_says_what_was_skipped(tmp_path)
     assert "cat/loop" in r.text, f"the skipped loop should be named:\n{r}"
 
 
-@xfail("1. the same file (hard link, symlink) lands in both train and val")
 def test_the_same_file_is_never_in_both_train_and_val(tmp_path):
     data = make_folder(tmp_path / "data", ("cat",))
     dog = make_image(tmp_path / "data" / "dog" / "a.jpg", seed=99)
@@ -131,7 +129,6 @@ def test_two_runs_started_together_with_one_name_get_their_own_folders(tmp_path)
         assert len(rows) == 1, f"{folder}/metrics.csv mixes runs: {rows}"
 
 
-@xfail("3. a non-finite loss trains on and saves NaN weights")
 def test_non_finite_loss_stops_the_run_and_saves_no_nan_weights(tmp_path):
     data = make_folder(tmp_path / "data")
     r = train(tmp_path, data, "--lr", "1e6", "--batch-size", "2", epochs=3)
@@ -183,7 +180,6 @@ def test_corrupt_and_empty_images_under_strict_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("loading", ["--workers 2", "--workers 0", "--workers 2 --in-memory no"])
-@xfail("5. a truncated JPEG passes the scan and aborts training")
 def test_a_truncated_jpeg_is_skipped_in_train(tmp_path, loading):
     r = train(tmp_path, folder_with(tmp_path, "truncated"), *loading.split())
     assert_ran(r)
@@ -192,14 +188,12 @@ def test_a_truncated_jpeg_is_skipped_in_train(tmp_path, loading):
     assert sum(counts["train"].values()) + sum(counts["val"].values()) == 12
 
 
-@xfail("5. a truncated JPEG under --strict gives a worker traceback inside the message")
 def test_a_truncated_jpeg_under_strict_is_one_line(tmp_path):
     r = train(tmp_path, folder_with(tmp_path, "truncated"), "--strict", "--workers", "2")
     assert_user_error(r, "truncated.jpg")
     assert run_folders(tmp_path / "runs") == []
 
 
-@xfail("5. a truncated JPEG aborts eval")
 def test_a_truncated_jpeg_is_skipped_in_eval(tmp_path, trained):
     data = folder_with(tmp_path, "truncated")
     r = run_cli(["eval", trained["ckpt"], "--data", data, "--output", tmp_path / "eval", "--device", "cpu"],
@@ -250,7 +244,6 @@ def test_predict_with_nothing_readable_exits_2_in_one_line(tmp_path, trained):
 # ---------------------------------------------------------------------- the feature cache
 
 
-@xfail("7. pixels changed with size and mtime kept: stale features are served")
 def test_changed_pixels_with_the_same_size_and_mtime_are_not_served_from_the_cache(tmp_path):
     data = make_folder(tmp_path / "data", suffix=".bmp")  # BMP: new pixels, same file size
     first = train(tmp_path, data, name="before")
@@ -269,7 +262,6 @@ def test_changed_pixels_with_the_same_size_and_mtime_are_not_served_from_the_cac
     assert losses(runs / "after") == losses(runs / "fresh"), "features of the old pixels were served"
 
 
-@xfail("7. a kill during extraction leaves a .tmp file that cache info counts")
 def test_an_orphaned_temporary_file_is_not_counted_as_cache(tmp_path):
     cache = tmp_path / "cache"
     orphan = cache / ("0" * 24) / f".view0.npy.{dead_pid()}.tmp"  # what a killed extraction leaves
@@ -281,7 +273,6 @@ def test_an_orphaned_temporary_file_is_not_counted_as_cache(tmp_path):
     assert total and float(total.group(1)) < 1.0, f"4 MiB of an orphaned temporary file counted:\n{r}"
 
 
-@xfail("7. a partial view0.json crashes cache info")
 def test_a_partial_view_json_does_not_crash_cache_info(tmp_path, trained):
     cache = tmp_path / "cache"
     shutil.copytree(trained["cache"], cache)
@@ -291,7 +282,6 @@ def test_a_partial_view_json_does_not_crash_cache_info(tmp_path, trained):
     assert_ran(r)
 
 
-@xfail("7. a truncated .npy in the cache crashes training")
 def test_a_truncated_npy_in_the_cache_is_rebuilt_and_said(tmp_path, trained):
     cache = tmp_path / "cache"
     shutil.copytree(trained["cache"], cache)
@@ -307,7 +297,6 @@ def test_a_truncated_npy_in_the_cache_is_rebuilt_and_said(tmp_path, trained):
 # ====================================================================== errors that are tracebacks today
 
 
-@xfail("disk full while writing a checkpoint gives exit 1 and a traceback")
 def test_a_full_disk_is_one_line_and_earlier_checkpoints_stay_intact(tmp_path, trained):
     size = trained["ckpt"].stat().st_size  # room for epoch 1's best.pt and last.pt, not for epoch 2's
     with tmpfs(tmp_path / "small", f"{int(size * 2.5) // 1024}k") as out:
@@ -329,8 +318,8 @@ def read_only(tmp_path):
 
 @pytest.mark.parametrize("where", [
     "train --output",
-    pytest.param("train --cache-dir", marks=xfail("a read-only --cache-dir gives a traceback")),
-    pytest.param("eval --output", marks=xfail("a read-only eval --output gives a traceback")),
+    "train --cache-dir",
+    "eval --output",
 ])
 def test_a_read_only_folder_is_one_line(tmp_path, trained, read_only, where):
     if where == "eval --output":
@@ -401,7 +390,6 @@ def malformed(ckpt: dict, case: str) -> dict:
 
 @pytest.mark.parametrize("case", ["no state_dict", "no classes", "swapped architecture",
                                   "fewer class names than outputs"])
-@xfail("a checkpoint with the format tag but malformed gives KeyError/RuntimeError/IndexError")
 def test_a_malformed_checkpoint_is_one_line(tmp_path, trained, case):
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
     assert ckpt["format"].startswith("headstart-checkpoint"), "the case needs the format tag"

@@ -15,7 +15,7 @@ from headstart.config import HeadConfig, RunConfig, apply_overrides, from_dict, 
 from headstart.errors import HeadstartError
 from headstart.jobs.train import prepare
 from headstart.models import checkpoint
-from headstart.training.engine import fit
+from headstart.training.fit import fit
 from headstart.training.runs import RunDir
 
 

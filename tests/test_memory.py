@@ -19,7 +19,7 @@ from headstart.errors import HeadstartError
 from headstart.jobs.train import prepare
 from headstart.models.preprocess import Preprocessing
 from headstart.training import cache as cache_mod
-from headstart.training.engine import fit
+from headstart.training.fit import fit
 
 PRE = Preprocessing(crop=24, resize=28)
 

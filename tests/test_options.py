@@ -121,7 +121,7 @@ def test_interrupted_extraction_is_never_read_as_complete(tmp_path, monkeypatch)
     monkeypatch.setattr(net, "features", real)
     feats = cache_mod.cached_features(net, data.train, **kwargs)
     assert entry.complete(0) and len(feats) == len(data.train)
-    from headstart.data.core import build_transform
+    from headstart.data import build_transform
 
     data.train.transform = build_transform(net.preprocessing, train=False, augment=False, kind=data.kind)
     with torch.no_grad():
@@ -388,7 +388,7 @@ def test_mixup_and_cutmix_train_on_images(tmp_path, monkeypatch):
 
 
 def test_unknown_augment_policy_is_a_user_error():
-    from headstart.data.core import build_transform
+    from headstart.data import build_transform
     from headstart.models.preprocess import Preprocessing
 
     with pytest.raises(HeadstartError, match="randaugment"):
@@ -396,7 +396,7 @@ def test_unknown_augment_policy_is_a_user_error():
 
 
 def test_randaugment_changes_train_images_only():
-    from headstart.data.core import build_transform
+    from headstart.data import build_transform
     from headstart.models.preprocess import Preprocessing
 
     pre = Preprocessing(crop=32, resize=36)

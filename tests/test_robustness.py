@@ -12,7 +12,7 @@ from headstart.config import RunConfig, apply_overrides
 from headstart.jobs.train import prepare
 from headstart.models import checkpoint
 from headstart.models.backbones import build_network
-from headstart.training.engine import fit
+from headstart.training.fit import fit
 
 BASE = ["--model", "resnet18", "--weights", "none", "--input-size", "32", "--batch-size", "16", "--no-progress",
         "--no-report", "--no-tensorboard"]

@@ -35,11 +35,11 @@ _EXPORTS = {
     "freeze": "headstart.models.freeze",
     "trainable_state": "headstart.models.freeze",
     "unfreeze_last": "headstart.models.freeze",
-    "build_data": "headstart.data.core",
+    "build_data": "headstart.data",
     "evaluate": "headstart.evaluation.inference",
     "Interpretation": "headstart.evaluation.interpret",
     "interpret": "headstart.evaluation.interpret",
-    "fit": "headstart.training.engine",
+    "fit": "headstart.training.fit",
     "lr_find": "headstart.training.lr_find",
     "write_report": "headstart.report",
     "group_table": "headstart.jobs.describe",
@@ -78,7 +78,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         apply_overrides,
         load_yaml,
     )
-    from headstart.data.core import build_data  # noqa: F401
+    from headstart.data import build_data  # noqa: F401
     from headstart.errors import HeadstartError, OfflineError  # noqa: F401
     from headstart.evaluation.inference import evaluate  # noqa: F401
     from headstart.evaluation.interpret import Interpretation, interpret  # noqa: F401
@@ -91,5 +91,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from headstart.models.freeze import count_params, freeze, trainable_state, unfreeze_last  # noqa: F401
     from headstart.models.network import Network  # noqa: F401
     from headstart.report import write_report  # noqa: F401
-    from headstart.training.engine import fit  # noqa: F401
+    from headstart.training.fit import fit  # noqa: F401
     from headstart.training.lr_find import lr_find  # noqa: F401

@@ -58,6 +58,7 @@ def add_lr_find_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run_lr_find(args: argparse.Namespace) -> int:
     from headstart.jobs.train import prepare
+    from headstart.training.fit import fit_until
     from headstart.training.lr_find import lr_find
     from headstart.training.optim import resolve_stages
 
@@ -69,6 +70,10 @@ def run_lr_find(args: argparse.Namespace) -> int:
     if args.stage > len(stages):
         raise HeadstartError(f"--stage {args.stage}: the schedule has {len(stages)} stage(s)")
     stage = stages[args.stage - 1]
+    if args.stage > 1:  # start where train would start this stage: from the trained head, not a new one
+        print(f"training stage(s) 1-{args.stage - 1} first, as train does, so that the test starts where "
+              f"stage {args.stage} would")
+        fit_until(net, data, cfg, args.stage - 1)
     result = lr_find(net, data, cfg, stage, steps=args.steps)
     plot = Path(args.plot) if args.plot else default_plot_path(cfg, args.stage)
     plot.parent.mkdir(parents=True, exist_ok=True)

@@ -207,7 +207,7 @@ def interpret(
 def _dataset(ckpt: dict[str, Any], pre: Any, data_source: str | None, split: str) -> tuple[Any, str]:
     """The dataset to interpret on, with the evaluation transform of the checkpoint's kind."""
     from headstart.config import RunConfig, from_dict
-    from headstart.data.core import build_data, build_transform, folder_dataset
+    from headstart.data import build_data, build_transform, folder_dataset
 
     if "config" not in ckpt and data_source is None:
         raise HeadstartError("the checkpoint has no saved config: give the data source to interpret it on")
@@ -228,7 +228,7 @@ def _dataset(ckpt: dict[str, Any], pre: Any, data_source: str | None, split: str
 
 
 def _loader(dataset: Any, batch_size: int) -> Any:
-    from headstart.data.core import make_loader
+    from headstart.data import make_loader
 
     # Worker processes cost more to start than a few hundred images take to read.
     workers = 0 if len(dataset) <= 512 else None

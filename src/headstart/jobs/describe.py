@@ -11,7 +11,7 @@ from headstart.config import RunConfig
 from headstart.models.backbones import build_network
 from headstart.models.freeze import bn_mode, count_params, freeze, trainable_state
 from headstart.models.network import Network
-from headstart.training.optim import apply_stage, group_lrs, resolve_stages
+from headstart.training.optim import describe_stage, resolve_stages
 
 
 def inspect_model(cfg: RunConfig, num_classes: int | None = None) -> str:
@@ -68,30 +68,12 @@ def plan_text(net: Network, cfg: RunConfig) -> str:
     """Every stage of the schedule: epochs, and each group's state, learning rate and BatchNorm mode."""
     lines = []
     for i, stage in enumerate(resolve_stages(cfg.train, net), 1):
-        apply_stage(net, stage)
-        lr = stage.lr if stage.lr is not None else cfg.train.lr
-        auto = lr == "auto"
-        lrs = group_lrs(net, stage, 1.0 if auto else float(lr))
-        states, modes = trainable_state(net), bn_mode(net)
-        lines.append(f"stage {i}: {stage.name}, {stage.epochs} epoch(s), freeze {stage.freeze}, BatchNorm {stage.bn}")
-        lines.append(f"    feature cache: {cache_plan(net, cfg)}")
+        plan = describe_stage(net, stage, cfg)
+        auto = plan.lr == "auto"
+        lines.append(f"stage {i}: {plan.name}, {plan.epochs} epoch(s), freeze {plan.freeze}, BatchNorm {plan.bn}")
+        lines.append(f"    feature cache: {plan.cache}")
         for g in [*(g.name for g in net.groups), "head"]:
-            rate = "frozen" if states[g] == "frozen" else f"lr auto×{lrs[g]:.3g}" if auto else f"lr {lrs[g]:.3g}"
-            lines.append(f"    {g:<14} {rate:<14} BatchNorm {modes.get(g, '-')}")
+            lr = plan.lrs[g]
+            rate = "frozen" if plan.states[g] == "frozen" else f"lr auto×{lr:.3g}" if auto else f"lr {lr:.3g}"
+            lines.append(f"    {g:<14} {rate:<14} BatchNorm {plan.bn_modes.get(g, '-')}")
     return "\n".join(lines)
-
-
-def cache_plan(net: Network, cfg: RunConfig) -> str:
-    """What the stage, as frozen now, would read from the feature cache (see ``engine.StageInputs``)."""
-    from headstart.training.cache import cacheable_part
-
-    part, cut = cacheable_part(net, cfg.cache)
-    if part == "body":
-        return "the whole body's features, computed once"
-    if part == "prefix" and net.chain is not None:
-        return f"the frozen first {cut} of {len(net.chain)} body steps (up to {net.chain[cut - 1].name}), computed once"
-    if not cfg.cache.enabled:
-        return "off"
-    if net.bn_policy == "train":
-        return "none (frozen BatchNorm uses batch statistics)"
-    return "none (images go through the whole network every epoch)"

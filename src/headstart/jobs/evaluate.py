@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from headstart.config import DataConfig, RunConfig, from_dict
-from headstart.data.core import build_data, build_transform, folder_dataset, make_loader
+from headstart.data import build_data, build_transform, folder_dataset, make_loader
 from headstart.evaluation.evalset import remap_targets
 from headstart.evaluation.inference import evaluate
 from headstart.evaluation.metrics import ClassReport

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from headstart.data.core import build_transform, list_images, load_image
+from headstart.data import build_transform, list_images, load_image
 from headstart.errors import HeadstartError
 from headstart.models import checkpoint
 from headstart.runtime.device import pick_device

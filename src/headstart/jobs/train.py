@@ -24,14 +24,15 @@ from typing import Any
 import torch
 
 from headstart.config import RunConfig, apply_overrides, from_dict, validate
-from headstart.data.core import build_data
+from headstart.data import build_data
 from headstart.errors import HeadstartError
 from headstart.models import checkpoint
 from headstart.models.backbones import build_network
 from headstart.models.freeze import count_params
 from headstart.models.network import Network
 from headstart.runtime.device import pick_device, seed_everything
-from headstart.training.engine import FitResult, fit
+from headstart.training.fit import FitResult, fit
+from headstart.training.optim import resolve_stages
 from headstart.training.runs import RunDir
 
 # The digits are 8x8 pixels: 64 px keeps every pretrained stage's receptive field meaningful at a
@@ -113,6 +114,7 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     else:
         cfg = validate(cfg)  # before anything is created: no run folder for a bad value
         net, data = prepare(cfg, say=say)
+        resolve_stages(cfg.train, net)  # a bad schedule (negative epochs) is refused before the run folder exists
         run = RunDir.new(cfg, tensorboard=cfg.tensorboard) if w.main else None
         if run is not None:
             run.write_config(cfg)
@@ -123,12 +125,12 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
     run.write_summary(info)
     _tensorboard_final(run, cfg, result)
     run.close()
-    if not result.history:  # every stage had 0 epochs: no checkpoint was written
+    if result.epochs_run == 0:  # every stage had 0 epochs: no checkpoint was written
         say(f"\nnothing was trained: every stage has 0 epochs, so there is no model ({run.path} holds "
             "only the config); give --epochs or --finetune-epochs a positive number")
         return result
     say(f"\nfinal validation accuracy {result.final.top1:.2%} (best {result.best_accuracy:.2%}); "
-        f"model saved to {run.path / 'best.pt'}")
+        f"model saved to {result.best_checkpoint}")
     if cfg.report:
         _write_report(run, say)
     return result
@@ -137,8 +139,6 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
 def _finished_result(resume: str | Path, cfg: RunConfig, state: dict[str, Any]) -> FitResult | None:
     """The run's result when its last checkpoint already holds every epoch of the schedule (or an
     early stop), else None: resuming such a run redoes nothing and rewrites nothing."""
-    from headstart.training.optim import resolve_stages
-
     ts = state["train_state"]
     if ts.get("partial"):
         return None

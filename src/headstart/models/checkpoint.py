@@ -77,17 +77,39 @@ def read(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+REQUIRED = ("arch", "head", "num_classes", "classes", "preprocessing", "state_dict")
+
+
 def load_network(path_or_ckpt: str | Path | dict[str, Any]) -> tuple[Network, dict[str, Any]]:
-    """Rebuild the trained network from a checkpoint alone (no download, no other file)."""
+    """Rebuild the trained network from a checkpoint alone (no download, no other file).
+
+    A checkpoint that carries the format tag but is damaged (fields missing, classes that do not
+    match the outputs, weights of another architecture) is a :class:`HeadstartError` naming the
+    file and what is wrong, never a KeyError or a shape mismatch from deep inside torch.
+    """
     from headstart.models.backbones import build_network
 
+    where = "the checkpoint" if isinstance(path_or_ckpt, dict) else str(path_or_ckpt)
     ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else read(path_or_ckpt)
-    pre = Preprocessing.from_dict(ckpt["preprocessing"])
-    # A timm model is named with its source: several timm names are torchvision names too.
-    name = f"timm:{ckpt['arch']}" if ckpt.get("source") == "timm" else ckpt["arch"]
-    net = build_network(name, "none", input_size=pre.crop, arch=ckpt.get("arch_options") or {})
-    net.replace_head(ckpt["num_classes"], from_dict(HeadConfig, ckpt["head"]))
-    net.load_state_dict(ckpt["state_dict"])
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise HeadstartError(f"{where} is a damaged headstart checkpoint: it has no {', '.join(missing)}")
+    if not isinstance(ckpt["classes"], list) or len(ckpt["classes"]) != ckpt["num_classes"]:
+        raise HeadstartError(f"{where} is a damaged headstart checkpoint: {len(ckpt['classes'])} class names for "
+                             f"{ckpt['num_classes']} outputs")
+    try:
+        pre = Preprocessing.from_dict(ckpt["preprocessing"])
+        # A timm model is named with its source: several timm names are torchvision names too.
+        name = f"timm:{ckpt['arch']}" if ckpt.get("source") == "timm" else ckpt["arch"]
+        net = build_network(name, "none", input_size=pre.crop, arch=ckpt.get("arch_options") or {})
+        net.replace_head(ckpt["num_classes"], from_dict(HeadConfig, ckpt["head"]))
+        net.load_state_dict(ckpt["state_dict"])
+    except HeadstartError as e:
+        raise HeadstartError(f"{where} cannot be rebuilt: {e}") from None
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise HeadstartError(f"{where} is a damaged headstart checkpoint: its weights do not fit its architecture "
+                             f"{ckpt['arch']} ({first})") from None
     net.preprocessing = pre
     net.eval()
     return net, ckpt

@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING, Any
 from headstart.errors import HeadstartError
 
 if TYPE_CHECKING:  # pragma: no cover
-
-    pass
+    from headstart.training.optim import StagePlan
 
 
 @dataclass
@@ -64,29 +63,8 @@ def try_interpret(run: RunRecord, data_source: str | None) -> tuple[Any, str]:
         return None, str(e)
 
 
-@dataclass
-class StagePlan:
-    """One stage as the config resolves it on the trained network."""
-
-    name: str
-    epochs: int
-    lr: float | str
-    layer_decay: float
-    bn: str
-    freeze: str
-    states: dict[str, str]  # depth group (and head) -> trainable / frozen / partial
-    trainable: int
-
-
 def stage_plans(cfg: Any, net: Any) -> list[StagePlan]:
-    """Freeze state and trainable parameters of each stage of ``cfg.train`` on ``net``."""
-    from headstart.models.freeze import count_params, trainable_state
-    from headstart.training.optim import apply_stage, resolve_stages
+    """Each stage of ``cfg.train`` as it applies to ``net``: freeze state, rates, trainable parameters."""
+    from headstart.training.optim import describe_stage, resolve_stages
 
-    plans = []
-    for st in resolve_stages(cfg.train, net):
-        apply_stage(net, st)
-        lr = st.lr if st.lr is not None else cfg.train.lr
-        plans.append(StagePlan(st.name, st.epochs, lr, st.layer_decay, st.bn, st.freeze,
-                               trainable_state(net), count_params(net)[1]))
-    return plans
+    return [describe_stage(net, st, cfg) for st in resolve_stages(cfg.train, net)]

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 from headstart.errors import HeadstartError
 
 if TYPE_CHECKING:  # pragma: no cover
-
-    pass
+    from headstart.training.optim import StagePlan
 from headstart.report.figures import (
     EXAMPLES,
     confusion_figure,
@@ -25,7 +24,7 @@ from headstart.report.figures import (
     quiet,
 )
 from headstart.report.markup import Cell, count_text, duration, esc, figure_html, html_table, kv_list, pct, share
-from headstart.report.run import RunRecord, StagePlan, stage_plans
+from headstart.report.run import RunRecord, stage_plans
 
 
 @dataclass

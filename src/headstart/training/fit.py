@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from headstart.config import RunConfig, StageConfig
-from headstart.data.core import DataBundle, make_loader
+from headstart.data import DataBundle, make_loader
 from headstart.errors import HeadstartError
 from headstart.evaluation.inference import evaluate
 from headstart.evaluation.metrics import ClassReport

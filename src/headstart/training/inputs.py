@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from headstart.config import RunConfig
-from headstart.data.core import DataBundle, make_loader
+from headstart.data import DataBundle, make_loader
 from headstart.models.network import Network
 from headstart.runtime.distributed import barrier, ddp_forward
 from headstart.runtime.distributed import world as current_world

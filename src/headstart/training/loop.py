@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from headstart.data.core import DataBundle
+from headstart.data import DataBundle
 from headstart.errors import HeadstartError
 from headstart.models.network import Network
 from headstart.progress import Progress

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, WeightedRandomSampler, get_worker_info
 
 from headstart.config import RunConfig
-from headstart.data.core import make_loader
+from headstart.data import make_loader
 from headstart.runtime.distributed import ShardSampler, per_rank_batch
 from headstart.runtime.distributed import world as current_world
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from headstart.config import RunConfig, StageConfig, to_dict
-from headstart.data.core import DataBundle
+from headstart.data import DataBundle
 from headstart.models import checkpoint
 from headstart.models.network import Network
 from headstart.runtime.distributed import rank0_decides
