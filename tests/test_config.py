@@ -135,7 +135,7 @@ def test_every_default_reads_in_words_and_true_booleans_turn_off_with_no():
 
 
 def test_declared_choices_match_what_the_code_accepts():
-    from headstart.data import AUTO_AUGMENT
+    from headstart.data.transforms import AUTO_AUGMENT
     from headstart.models.network import ACTIVATIONS, BN_POLICIES
     from headstart.runtime.precision import PRECISIONS
     from headstart.training.optim import SCHEDULERS

@@ -407,8 +407,9 @@ def test_weights_that_turn_infinite_are_never_saved_mid_epoch(tmp_path, monkeypa
     saved = _saves(monkeypatch)
     cfg = tiny_cfg(tmp_path, **{"train.checkpoint_steps": 1})
     cfg.train.stages = [StageConfig(name="a", epochs=1, freeze="body", lr=1e-3),
-                        StageConfig(name="b", epochs=1, freeze="body", lr=float("inf"))]
-    net, data = prepare(cfg)
+                        StageConfig(name="b", epochs=1, freeze="body", lr=1e-3)]
+    net, data = prepare(cfg)  # a config with an infinite rate is refused here, so set it after
+    cfg.train.stages[1].lr = float("inf")
     run = RunDir.new(cfg)
     with pytest.raises(HeadstartError, match=r"stage 2 \(b\), epoch 1/1, step 1 \(step 5 of the run\): "
                                              r"the weights are no longer finite") as err:
