@@ -76,3 +76,16 @@ def test_resuming_a_finished_run_trains_and_rewrites_nothing(tmp_path, capsys):
     assert "nothing left to train" in out
     assert "== 1. load" not in out and "epoch 1/1" not in out
     assert (tmp_path / "done" / "metrics.csv").read_text() == metrics
+
+
+def test_eval_and_interpret_use_the_same_images(tmp_path):
+    # One rule (evaluation/evalset.py): the run's own data gives the images it validated on, in
+    # `headstart eval` as in the report's interpretation.
+    assert main(["train", *TINY, "--epochs", "1", "--output", str(tmp_path), "--name", "same"]) == 0
+    run = tmp_path / "same"
+    report = hs.evaluate_checkpoint(run / "best.pt", "digits", device="cpu")
+    interp = hs.interpret(run, data_source="digits", device="cpu")
+    assert len(interp.targets) == 360  # named data: its whole validation split, not the run's limit
+    assert len(hs.interpret(run, device="cpu").targets) == 20  # the run's own: the images it validated on
+    assert report.top1 == interp.report.top1
+    assert report.confusion.tolist() == interp.report.confusion.tolist()

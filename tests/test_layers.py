@@ -210,3 +210,20 @@ def test_long_modules_say_why(module):
         return
     assert lines <= MAX_LINES or "# long module:" in text, (
         f"{path.relative_to(SRC)} has {lines} lines: split it by concern, or say why in a '# long module:' comment")
+
+
+MAX_FUNCTION_LINES = 60  # about a screen
+
+
+@pytest.mark.parametrize("module", sorted(module_files(SRC, "headstart")))
+def test_long_functions_say_why(module):
+    path = module_files(SRC, "headstart")[module]
+    source = path.read_text()
+    lines = source.splitlines()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            length = node.end_lineno - node.lineno + 1
+            body = "\n".join(lines[node.lineno - 1:node.end_lineno])
+            assert length <= MAX_FUNCTION_LINES or "# long function:" in body, (
+                f"{path.relative_to(SRC)}:{node.lineno} {node.name} has {length} lines: split it, or say why "
+                "in a '# long function:' comment")

@@ -113,6 +113,8 @@ def create_app(predictor: Any, *, max_batch: int = 8, max_wait_ms: float = 5.0, 
     The batcher's worker thread starts and stops with the application (its lifespan), so an
     application made here can also be driven in-process, e.g. by ``fastapi.testclient``.
     """
+    # long function: FastAPI routes are closures over this one service's batcher, limits and
+    # stats; the factory keeps the whole HTTP surface on one screen-and-a-half to read.
     limits = limits or Limits()
     batcher = MicroBatcher(predictor.logits, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
     stats = Stats()

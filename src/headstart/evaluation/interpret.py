@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,6 @@ from PIL import Image
 
 from headstart.errors import HeadstartError
 from headstart.evaluation.metrics import ClassReport, class_report
-
-SPLITS = ("val", "train", "all")
 
 
 @dataclass
@@ -166,7 +163,7 @@ class Interpretation:
 def interpret(
     ckpt_path_or_run_dir: str | Path,
     data_source: str | None = None,
-    split: str = "val",
+    split: str = "auto",
     batch_size: int = 64,
     device: str = "auto",
 ) -> Interpretation:
@@ -178,17 +175,14 @@ def interpret(
     classes; the run's ``limit_*`` do not apply to it). ``split`` is ``val``, ``train`` (the
     training images, without augmentation) or ``all`` (every image of a class folder).
     """
-    from headstart.evaluation.evalset import remap_targets
+    from headstart.evaluation.evalset import evaluation_images
     from headstart.evaluation.inference import predict_logits
     from headstart.models import checkpoint
     from headstart.runtime.device import pick_device
 
-    if split not in SPLITS:
-        raise HeadstartError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
     net, ckpt = checkpoint.load_network(ckpt_path_or_run_dir)
     classes = list(ckpt["classes"])
-    dataset, source = _dataset(ckpt, net.preprocessing, data_source, split)
-    remap_targets(dataset, classes)
+    dataset, source, split = evaluation_images(ckpt, net.preprocessing, data_source, split=split)
     dev = pick_device(device)
     net.to(dev)
     logits, targets = predict_logits(net, _loader(dataset, batch_size), dev)
@@ -202,29 +196,6 @@ def interpret(
         source=source,
         split=split,
     )
-
-
-def _dataset(ckpt: dict[str, Any], pre: Any, data_source: str | None, split: str) -> tuple[Any, str]:
-    """The dataset to interpret on, with the evaluation transform of the checkpoint's kind."""
-    from headstart.config import RunConfig, from_dict
-    from headstart.data import build_data, build_transform, folder_dataset
-
-    if "config" not in ckpt and data_source is None:
-        raise HeadstartError("the checkpoint has no saved config: give the data source to interpret it on")
-    cfg = from_dict(RunConfig, ckpt["config"]) if "config" in ckpt else RunConfig()
-    dcfg = dataclasses.replace(cfg.data, augment=False, in_memory=False)  # one pass: nothing to keep
-    if data_source is not None and str(data_source) != str(cfg.data.source):
-        dcfg = dataclasses.replace(dcfg, source=str(data_source), limit_train=None, limit_val=None)
-    if split == "all":
-        dataset = folder_dataset(dcfg.source, strict=dcfg.strict)
-    else:
-        bundle = build_data(dcfg, pre, seed=cfg.train.seed)
-        dataset = bundle.val if split == "val" else bundle.train
-    if len(dataset) == 0:
-        raise HeadstartError(f"no {split} images in {dcfg.source} to interpret the model on")
-    kind = ckpt.get("kind") or getattr(dataset, "kind", "photo")
-    dataset.transform = build_transform(pre, train=False, augment=False, kind=kind)
-    return dataset, str(dcfg.source)
 
 
 def _loader(dataset: Any, batch_size: int) -> Any:

@@ -125,6 +125,8 @@ def train_one_epoch(
     after every step with the epoch's progress so far (``fit`` writes mid-epoch checkpoints there).
     Raises :class:`Diverged` on a loss that is not finite, before the rate moves on.
     """
+    # long function: the per-batch loop reads top to bottom (move, forward, loss, step, sums,
+    # mid-epoch checkpoint); pieces split out would each need most of its 16 arguments.
     forward = forward or net.forward_train
     precision = precision or Precision(None, None, device.type)
     net.train()
