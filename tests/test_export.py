@@ -154,7 +154,8 @@ def test_a_head_that_is_not_the_librarys_is_said_and_stored_apart(tmp_path, data
     spec = json.loads((out / "config.json").read_text())["library"]
     assert spec["head"] == "custom" and spec["head_layers"][-1]["type"] == "Linear"
     card = (out / "README.md").read_text()
-    assert "is not torchvision's own classifier" in card and f"model.{spec['classifier']} = torch.nn.Sequential(" in card
+    assert "is not torchvision's own classifier" in card
+    assert f"model.{spec['classifier']} = torch.nn.Sequential(" in card
     model = torchvision.models.get_model(name, num_classes=3)
     # the card's line, executed: the plain model gets headstart's head in place of its classifier
     line = next(s for s in card.splitlines() if s.startswith(f"model.{spec['classifier']} = "))

@@ -39,7 +39,7 @@ pytest.importorskip("uvicorn")
 
 from headstart.deploy.batching import MicroBatcher  # noqa: E402
 from headstart.deploy.runtime import open_predictor  # noqa: E402
-from headstart.models import model_record
+from headstart.models import model_record  # noqa: E402
 
 CLASSES = ["cat", "dog", "fox"]
 LIMIT_FLAGS = ["--max-upload-mb", "0.25", "--max-pixels", "250000", "--max-images", "4", "--read-timeout", "2"]
@@ -259,7 +259,7 @@ def test_health_and_metadata(client, predictor):
 
 
 def test_raw_body_and_multipart_answers_match_the_predictor(client, predictor):
-    name, data = "img3.png", IMAGES["img3.png"]
+    data = IMAGES["img3.png"]
     r = client.post("/predict?top_k=2", content=data, headers={"content-type": "image/png"})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -316,7 +316,8 @@ BAD = {
     "oversized multipart": (dict(files=[("file", (f"{i}.png", b"\0" * 100_000)) for i in range(3)]), 413,
                             "upload_too_large"),
     "too many images": (dict(files=[("file", (n, IMAGES[n])) for n in list(IMAGES)[:5]]), 413, "too_many_images"),
-    "multipart without files": (dict(content=b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n--b--\r\n',
+    "multipart without files": (dict(content=b'--b\r\nContent-Disposition: form-data; name="note"'
+                                             b'\r\n\r\nhi\r\n--b--\r\n',
                                      headers={"content-type": "multipart/form-data; boundary=b"}), 400, "no_image"),
     "url-encoded form": (dict(data={"note": "hello"}), 415, "not_an_image"),
     "multipart without boundary": (dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}),

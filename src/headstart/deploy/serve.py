@@ -94,7 +94,7 @@ class RequestLog:
             await self.app(scope, receive, send_noting_status)
         finally:
             self.stats.count(status[0])
-            client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "-"
+            client = "{}:{}".format(*scope["client"]) if scope.get("client") else "-"
             query = "?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else ""
             note = scope.get("state", {}).get("log_note", "")
             ms = (time.perf_counter() - start) * 1000

@@ -342,7 +342,8 @@ def read_state_file(path: Path) -> dict[str, torch.Tensor]:
         # torch's own message runs to many lines and advises weights_only=False, which would run
         # whatever code the file holds.
         raise HeadstartError(
-            f"cannot read weights file {path}: it holds code or Python objects that headstart will not load; save a plain "
+            f"cannot read weights file {path}: it holds code or Python objects that headstart will not load; "
+            "save a plain "
             "state dict instead: torch.save(model.state_dict(), path), or safetensors.torch.save_file") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
