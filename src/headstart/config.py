@@ -139,6 +139,9 @@ class StageConfig:
                                              "applied after layer_decay")
     bn: str = setting("frozen", choices=BN_POLICIES, help="BatchNorm in frozen parts: frozen (eval mode), "
                       "train (statistics update) or eval-all (every BatchNorm in eval mode, tiny batches)")
+    solve: bool = setting(False, help="after the stage's epochs, fit the head's final layer to convergence "
+                          "on the frozen body's features (L-BFGS, weight decay by cross-validation on the "
+                          "training split): one more epoch row; needs a frozen body and a Linear final layer")
 
 
 @dataclass
@@ -146,7 +149,12 @@ class TrainConfig:
     """How to train: the seed's two phases by default, or an explicit list of stages."""
 
     freeze: str = setting("body", help=f"head stage: {FREEZE_HELP}")
-    epochs: int = setting(5, at_least=0, help="epochs of the head stage")
+    # auto solves the final layer instead of sampling it with a few AdamW epochs: see
+    # training/head_solver.py and bench/README.md ("head stage") for what it gained on real photos.
+    epochs: int | str = setting("auto", choices=("auto",), at_least=0,
+                                help="epochs of the head stage, or auto: fit the head's final layer to "
+                                     "convergence on the frozen features (L-BFGS, weight decay chosen by "
+                                     "5-fold cross-validation on the training split)")
     lr: float | str = setting(1e-3, choices=("auto",), at_least=0,
                               help="learning rate of the head stage, or auto (learning-rate range test)")
     optimizer: str = setting("adamw", choices=("adamw", "sgd"), help="optimizer")
@@ -324,7 +332,8 @@ def _check(f: dataclasses.Field, tp: Any, value: Any, key: str) -> None:
     items = value if isinstance(value, list) else value.values() if isinstance(value, dict) else [value]
     for v in items:
         if isinstance(v, str) and choices and v not in choices:
-            numbers = "a number or " if float in typing.get_args(tp) else ""
+            kinds = set(typing.get_args(tp))
+            numbers = "a number or " if float in kinds else "a whole number or " if int in kinds else ""
             raise HeadstartError(f"{name} is {v!r}: give {numbers}one of: {', '.join(choices)}{default}")
         if isinstance(v, int | float) and not isinstance(v, bool) and not _in_bounds(v, *bounds):
             what = "" if math.isfinite(v) else ", not a finite number"
@@ -354,6 +363,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return None
         errors = []
         for tp_ in (a for a in args if a is not type(None)):  # the first type that takes the value wins
+            if tp_ is str and errors and _numeric_text(value):
+                break  # "2.5" for int | str: the number's complaint ("a whole number") is the useful one
             try:
                 return _coerce(tp_, value, where)
             except HeadstartError as e:
@@ -388,6 +399,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise HeadstartError(f"config {where}: expected text, got {value!r}{quote}")
         return str(value)
     return value
+
+
+def _numeric_text(value: Any) -> bool:
+    try:
+        float(value)
+        return isinstance(value, str | int | float) and not isinstance(value, bool)
+    except (TypeError, ValueError):
+        return False
 
 
 def _number(tp: type, value: Any, where: str) -> int | float:

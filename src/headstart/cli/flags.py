@@ -55,16 +55,17 @@ def yes_no_auto(value: str) -> bool | None:
     raise argparse.ArgumentTypeError(f"expected yes, no or auto, got {value!r}")
 
 
-def number_or(words: Collection[str]) -> Callable[[str], float | str]:
-    """An argparse type taking a number or one of ``words`` (``--lr 0.01``, ``--lr auto``)."""
+def number_or(words: Collection[str], kind: type = float) -> Callable[[str], float | str]:
+    """An argparse type taking a number (a ``kind``) or one of ``words`` (``--lr 0.01``, ``--epochs auto``)."""
 
     def parse(value: str) -> float | str:
         if value in words:
             return value
         try:
-            return float(value)
+            return kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number or {' or '.join(words)}, got {value!r}") from None
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what} or {' or '.join(words)}, got {value!r}") from None
 
     parse.__name__ = f"number or {'/'.join(words)}"
     return parse
@@ -82,8 +83,9 @@ def flag_options(s: Setting) -> dict[str, Any]:
         return {"action": "store_const", "const": not s.default}
     if base in (int, float):
         return {"type": base, "metavar": "N" if base is int else "X"}
-    if set(args) == {float, str}:
-        return {"type": number_or(s.choices), "metavar": "|".join(["X", *s.choices])}
+    if set(args) in ({float, str}, {int, str}):
+        kind = int if int in args else float
+        return {"type": number_or(s.choices, kind), "metavar": "|".join(["N" if kind is int else "X", *s.choices])}
     if base is str and s.choices:
         return {"choices": list(s.choices)}
     return {"metavar": metavar}  # text, and lists/mappings written as "a,b" / "k=v,k=v" (config parses them)

@@ -92,8 +92,10 @@ def default_plot_path(cfg: RunConfig, stage: int) -> Path:
 def stage_lr_setting(cfg: RunConfig, stage: int, lr: float) -> str:
     """How to give stage ``stage`` (1-based, of the stages that run) the learning rate ``lr``."""
     if cfg.train.stages:
-        listed = [i for i, s in enumerate(cfg.train.stages) if s.epochs > 0][stage - 1]
+        from headstart.training.optim import stage_rows  # torch: not at import, --help stays fast
+
+        listed = [i for i, s in enumerate(cfg.train.stages) if stage_rows(s) > 0][stage - 1]
         return f"lr: {lr:.3g} in train.stages[{listed}] of the YAML config (or lr: auto there)"
-    if stage == 1 and cfg.train.epochs > 0:  # the head stage; with 0 epochs it is left out
+    if stage == 1 and cfg.train.epochs != 0:  # the head stage; with 0 epochs it is left out
         return f"--lr {lr:.3g} (or --lr auto to run this test at the start of the stage)"
     return f"--finetune-lr {lr:.3g} (or --finetune-lr auto to run this test at the start of the stage)"

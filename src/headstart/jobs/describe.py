@@ -70,7 +70,8 @@ def plan_text(net: Network, cfg: RunConfig) -> str:
     for i, stage in enumerate(resolve_stages(cfg.train, net), 1):
         plan = describe_stage(net, stage, cfg)
         auto = plan.lr == "auto"
-        lines.append(f"stage {i}: {plan.name}, {plan.epochs} epoch(s), freeze {plan.freeze}, BatchNorm {plan.bn}")
+        length = f"{plan.epochs} epoch(s)" + (", then the final layer solved" if plan.solve else "")
+        lines.append(f"stage {i}: {plan.name}, {length}, freeze {plan.freeze}, BatchNorm {plan.bn}")
         lines.append(f"    feature cache: {plan.cache}")
         for g in [*(g.name for g in net.groups), "head"]:
             lr = plan.lrs[g]

@@ -32,7 +32,7 @@ from headstart.models.freeze import count_params
 from headstart.models.network import Network
 from headstart.runtime.device import pick_device, seed_everything
 from headstart.training.fit import FitResult, fit
-from headstart.training.optim import resolve_stages
+from headstart.training.optim import resolve_stages, stage_rows
 from headstart.training.runs import RunDir
 
 # The digits are 8x8 pixels: 64 px keeps every pretrained stage's receptive field meaningful at a
@@ -143,7 +143,7 @@ def _finished_result(resume: str | Path, cfg: RunConfig, state: dict[str, Any]) 
     if ts.get("partial"):
         return None
     net = checkpoint.load_network(state)[0]
-    total = sum(s.epochs for s in resolve_stages(cfg.train, net))
+    total = sum(stage_rows(s) for s in resolve_stages(cfg.train, net))
     if not ts.get("stopped") and ts["global_epoch"] < total:
         return None
     history = list(ts["history"])

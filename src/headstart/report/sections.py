@@ -232,15 +232,31 @@ def _stages_table(run: RunRecord, plans: Sequence[StagePlan], total: int) -> str
         if lr == "auto":  # chosen by the range test when the stage began: read it off the history
             used = [r.get("base_lr") for r in run.history if r.get("stage") == p.name]
             lr = f"auto ({used[0]:.3g})" if used and isinstance(used[0], float) else "auto"
-        rows.append([p.name, f"{ran.get(p.name, 0)} of {p.epochs}", lr, f"{p.layer_decay:g}",
+        rows.append([p.name, f"{ran.get(p.name, 0)} of {p.epochs + int(p.solve)}", lr, f"{p.layer_decay:g}",
                      p.freeze, p.bn, f"{p.trainable:,} ({share(p.trainable, total)})",
                      duration(d.get("seconds")) if d else "–",
                      f"{d['images_per_s']:,.0f}" if d.get("images_per_s") else "–"])
     header = ["stage", "epochs run", "base lr", "layer decay", "freeze", "BatchNorm", "trainable parameters",
               "training time", "images/s"]
-    return ("<h3>Stages</h3>" + html_table(header, rows, "stages")
+    return ("<h3>Stages</h3>" + html_table(header, rows, "stages") + _solved_notes(run)
             + '<p class="note">Training time sums the epochs\' training passes and the feature caching of '
               "a frozen body (validation not included); images/s is the last epoch's training throughput.</p>")
+
+
+def _solved_notes(run: RunRecord) -> str:
+    """What the head solver chose in each solving stage, and the cross-validated score behind the choice."""
+    notes = []
+    for r in run.history:
+        s = r.get("solved")
+        if not isinstance(s, dict):
+            continue
+        tried = ", ".join(f"{k}: {pct(v)}" for k, v in (s.get("scores") or {}).items())
+        notes.append(f"<p>Stage <b>{esc(str(r.get('stage')))}</b>: the head's final layer was solved by L-BFGS; "
+                     f"weight decay <b>{s.get('weight_decay', 0):g}</b> was chosen by {s.get('folds')}-fold "
+                     f"cross-validation on the training split alone, cross-validated accuracy "
+                     f"<b>{pct(s.get('cv_accuracy'))}</b> (loss {s.get('cv_loss', float('nan')):.3f}); "
+                     f"validation accuracy afterwards {pct(r.get('val_acc'))}. Tried: {esc(tried)}.</p>")
+    return "".join(notes)
 
 
 def _freeze_map(plans: Sequence[StagePlan], group_sizes: dict[str, int]) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from headstart.config import RunConfig, StageConfig
 from headstart.data import DataBundle, make_loader
@@ -32,12 +33,14 @@ from headstart.models.network import Network
 from headstart.runtime.device import pick_device, seed_everything, set_cpu_speed_flags
 from headstart.runtime.distributed import all_sum, init_from_env, local_device
 from headstart.runtime.distributed import world as current_world
+from headstart.training.head_solver import solvable_final, solve_head
 from headstart.training.inputs import StageInputs
 from headstart.training.loop import (
     Diverged,
     EpochProgress,
     EpochStats,
     build_loss,
+    inverse_frequency,
     optimizer_lrs,
     train_one_epoch,
     weights_finite,
@@ -51,6 +54,7 @@ from headstart.training.optim import (
     lr_flag,
     resolve_stages,
     stage_lr,
+    stage_rows,
 )
 from headstart.training.runs import RunDir
 from headstart.training.sampling import epoch_loader, epoch_seed, steps_per_epoch
@@ -160,7 +164,7 @@ def _start(net: Network, data: DataBundle, cfg: RunConfig, run: RunDir | None, r
 def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport | None:
     """Every remaining epoch of stage ``si``; the last epoch's validation report (None: none ran)."""
     state = job.state
-    if stage.lr == "auto":
+    if stage.lr == "auto" and stage.epochs > 0:  # a solved head with no epochs needs no rate
         stage = _auto_lr(job, stage)
     plan = describe_stage(job.net, stage, job.cfg)  # applies the stage: freezing, BatchNorm policy, aux heads
     for line in stage_lines(plan, si, n):
@@ -171,11 +175,15 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
         job.say(f"   continuing epoch {state.epoch + 1}/{stage.epochs} after its first "
                 f"{state.partial['batches']} batches")
     final = None
-    for epoch in range(state.epoch, stage.epochs):
-        row, final = _run_epoch(job, sr, inputs, epoch)
+    for epoch in range(state.epoch, stage_rows(stage)):
+        # A solving stage's last row is the solve, after its epochs (if any).
+        run_row = _solve_epoch if epoch == stage.epochs else _run_epoch
+        row, final = run_row(job, sr, inputs, epoch)
         _end_epoch(job, sr, epoch, row)
         if state.stopped:
-            job.say(f"   early stop: no improvement for {job.cfg.train.patience} epoch(s)")
+            unsolved = epoch < stage.epochs and stage.solve
+            skipped = " (the head's final layer is left as trained, not solved)" if unsolved else ""
+            job.say(f"   early stop: no improvement for {job.cfg.train.patience} epoch(s){skipped}")
             break
     return final
 
@@ -220,6 +228,43 @@ def _run_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tupl
         "setup_seconds": setup, "base_lr": stage.lr,
         "train_loss": tr.loss, "train_acc": tr.accuracy, "val_loss": report.loss, "val_acc": report.top1,
         "val_top5": report.top5, "seconds": tr.seconds, "images_per_s": tr.images_per_s, "lrs": lrs,
+    }, report
+
+
+def _solve_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tuple[dict[str, Any], ClassReport]:
+    """The row of a solving stage: its head's final layer solved on the training split's plain-view features.
+
+    The weight decay is chosen by cross-validation on those features alone (the validation split
+    is only evaluated afterwards), with the loss's class weights and label smoothing; under
+    ``data.balanced`` the classes are weighted by inverse frequency, as the balanced sampler
+    weights them.
+    """
+    state, head = job.state, job.net.head
+    start = time.perf_counter()
+    features, targets = inputs.solve_features()
+    weight = getattr(job.loss_fn, "weight", None)
+    if weight is None and job.cfg.data.balanced:
+        weight = inverse_frequency(targets, len(job.data.classes))
+    final_layer = solvable_final(head)
+    if final_layer is None:
+        raise HeadstartError("the head's final layer is not a Linear layer with a bias, so it cannot be solved: "
+                             "give --epochs N to train it instead")
+    result = solve_head(head, final_layer, features, targets, seed=job.cfg.train.seed,
+                        class_weights=None if weight is None else weight.cpu(),
+                        label_smoothing=getattr(job.loss_fn, "label_smoothing", 0.0))
+    seconds = time.perf_counter() - start
+    job.say("   " + result.summary())
+    rows = TensorDataset(torch.from_numpy(features), torch.as_tensor(targets))
+    fitted = evaluate(head, make_loader(rows, batch_size=4096, shuffle=False, workers=0, seed=0),
+                      job.data.classes, job.device)
+    report = evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device)
+    state.global_epoch += 1
+    setup, inputs.setup_seconds = inputs.setup_seconds, 0.0
+    return {
+        "stage": sr.stage.name, "stage_index": sr.index, "epoch": epoch + 1, "global_epoch": state.global_epoch,
+        "setup_seconds": setup, "base_lr": sr.stage.lr, "train_loss": fitted.loss, "train_acc": fitted.top1,
+        "val_loss": report.loss, "val_acc": report.top1, "val_top5": report.top5, "seconds": seconds,
+        "images_per_s": len(targets) / max(seconds, 1e-9), "lrs": {}, "solved": result.to_dict(),
     }, report
 
 
@@ -316,19 +361,28 @@ def diverged_text(job: _Fit, sr: StageRun, epoch: int, e: Diverged, first_step: 
     return text + "; no checkpoint was written"
 
 
+# The seed's last two steps, continuing the numbers the job's narration gives steps 1-4.
+SEED_STEPS = {"head": "5. train the classifier, ", "finetune": "6. fine-tune, "}
+
+
 def stage_lines(plan: StagePlan, si: int, n: int) -> list[str]:
     """The console's announcement of stage ``si`` of ``n``: what it freezes and trains, at which rate."""
     frozen = [g for g, s in plan.states.items() if s == "frozen"]
     live = [g for g, s in plan.states.items() if s != "frozen"]
     decay = f" (layer decay {plan.layer_decay:g})" if plan.layer_decay != 1.0 else ""
-    return [f"\n== stage {si + 1}/{n}: {plan.name} ({plan.what}) — {plan.epochs} epoch(s), lr {plan.lr}{decay}, "
-            f"BatchNorm {plan.bn}",
+    length = f"{plan.epochs} epoch(s), lr {plan.lr}{decay}"
+    if plan.solve:
+        solved = "final layer solved by L-BFGS, its weight decay by cross-validation on the training split"
+        length = solved if plan.epochs == 0 else f"{length}, then the {solved}"
+    step = SEED_STEPS.get(plan.name, "")
+    return [f"\n== {step}stage {si + 1}/{n}: {plan.name} ({plan.what}) — {length}, BatchNorm {plan.bn}",
             f"   frozen: {', '.join(frozen) or 'nothing'}",
             f"   training: {', '.join(live)}  ({plan.trainable:,} of {plan.total:,} parameters)"]
 
 
 def epoch_line(row: dict[str, Any], stage: StageConfig) -> str:
-    """The console's line for one epoch."""
+    """The console's line for one epoch (or for the solve that ends a solving stage)."""
     mark = "  *best*" if row.get("best") else ""
-    return (f"   epoch {row['epoch']}/{stage.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
+    what = "solved" if "solved" in row else f"epoch {row['epoch']}/{stage.epochs}"
+    return (f"   {what}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
             f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  ({row['images_per_s']:.0f} img/s){mark}")

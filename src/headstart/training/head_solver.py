@@ -351,6 +351,17 @@ def final_layer_inputs(head: nn.Module, final: str, features: Any, batch_size: i
     return torch.cat(seen)
 
 
+def solvable_final(head: nn.Module) -> str | None:
+    """The path of ``head``'s final layer inside it ("" for the head itself) when it is a Linear layer, else None.
+
+    The final layer is the last module holding parameters (a trailing Dropout or Flatten holds none).
+    """
+    holders = [(name, m) for name, m in head.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    if not holders or not isinstance(holders[-1][1], nn.Linear) or holders[-1][1].bias is None:
+        return None
+    return holders[-1][0]
+
+
 def solve_head(head: nn.Module, final: str, features: Any, targets: Any, **options: Any) -> SolveResult:
     """Solve ``head``'s final layer on what it reads from ``features``, and write it in place.
 

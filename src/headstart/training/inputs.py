@@ -9,10 +9,13 @@ format, and its validation loader.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -128,6 +131,26 @@ class StageInputs:
         if view not in self.views:
             self.views[view] = self._features(self.data.train, view, "train")
         return self.views[view]
+
+    def solve_features(self) -> tuple[np.ndarray, list[int]]:
+        """The training split's plain-view (evaluation transform) body features and targets: what the head is solved on.
+
+        The cached view 0 when the stage reads cached body features. Otherwise (the cache off,
+        MixUp/CutMix on, an auxiliary head training) they are extracted now, once, into a
+        temporary folder that is gone afterwards, since the user did not ask for a cache.
+        """
+        if self.part == "body":
+            ds = self.train_view(0)
+            return np.array(ds.features, dtype=np.float32), list(ds.targets)  # a writable copy
+        with tempfile.TemporaryDirectory(prefix="headstart-solve-") as tmp:
+            ds = cached_features(self.net, self.data.train, body_fp=body_fingerprint(self.net), kind=self.data.kind,
+                                 view=0, seed=self.cfg.train.seed, root=Path(tmp),
+                                 batch_size=self.cfg.data.batch_size * 2, device=self.device,
+                                 progress=self.cfg.train.progress, desc="features train (for the solver)",
+                                 precision=self.precision)
+            features = np.array(ds.features, dtype=np.float32)  # a copy: the file goes with the folder
+            del ds
+            return features, list(self.data.train.targets)
 
     def forward(self) -> Forward | None:
         """The stage's forward, batch -> (logits, aux logits); None: the network's own ``forward_train``."""

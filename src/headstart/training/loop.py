@@ -79,12 +79,14 @@ def weights_finite(net: nn.Module) -> bool:
 
 def build_loss(tc: Any, data: DataBundle, device: torch.device) -> nn.Module:
     """Cross-entropy with ``train.label_smoothing`` and, with ``train.class_weights``, inverse-frequency weights."""
-    weight = None
-    if tc.class_weights:
-        # Inverse class frequency, scaled so a balanced dataset gets weights of 1.
-        counts = torch.bincount(torch.as_tensor(data.train.targets), minlength=len(data.classes)).double()
-        weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).float().to(device)
+    weight = inverse_frequency(data.train.targets, len(data.classes)).to(device) if tc.class_weights else None
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=tc.label_smoothing)
+
+
+def inverse_frequency(targets: Any, classes: int) -> torch.Tensor:
+    """Per-class weights of inverse frequency, scaled so that a balanced dataset gets weights of 1."""
+    counts = torch.bincount(torch.as_tensor(list(targets)), minlength=classes).double()
+    return (counts.sum() / (len(counts) * counts.clamp(min=1))).float()
 
 
 def optimizer_lrs(opt: torch.optim.Optimizer) -> dict[str, float]:

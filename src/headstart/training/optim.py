@@ -31,6 +31,7 @@ from headstart.errors import HeadstartError
 from headstart.models.freeze import bn_mode, count_params, freeze, trainable_state, unfreeze_last
 from headstart.models.network import Network
 from headstart.training.cache import cacheable_part
+from headstart.training.head_solver import solvable_final
 
 SCHEDULERS = ("cosine", "onecycle", "constant")
 
@@ -43,7 +44,7 @@ def resolve_stages(cfg: TrainConfig, net: Network) -> list[StageConfig]:
     if cfg.stages:
         # A stage without its own rate takes train.lr (which may be "auto").
         return _with_epochs([dataclasses.replace(s, lr=s.lr if s.lr is not None else cfg.lr) for s in cfg.stages])
-    stages = [StageConfig(name="head", epochs=cfg.epochs, freeze=cfg.freeze, lr=cfg.lr)]
+    stages = [head_stage(cfg, net)]
     if cfg.schedule == "gradual":
         # ULMFiT-style: one more depth group joins every epoch, deepest first.
         for k in range(1, len(net.groups) + 1):
@@ -66,12 +67,39 @@ def resolve_stages(cfg: TrainConfig, net: Network) -> list[StageConfig]:
     return _with_epochs(stages, {"head": "--epochs", "finetune": "--finetune-epochs"})
 
 
+# ``train.epochs: auto`` for heads that cannot be solved (a frozen-body head stage is needed, and a
+# Linear final layer): the fixed count that was the default before the solver.
+AUTO_EPOCHS = 5
+# ``auto`` with an mlp head: its hidden layers train this many AdamW epochs, then the final layer is solved.
+AUTO_MLP_EPOCHS = 5
+
+
+def head_stage(cfg: TrainConfig, net: Network) -> StageConfig:
+    """The first phase: ``train.epochs`` epochs of the head, or with ``auto`` a solved head.
+
+    ``auto`` solves the final layer (see :mod:`headstart.training.head_solver`) when the body
+    is frozen and the head ends in a Linear layer: a ``replace`` or ``linear`` head is solved
+    with no epochs first, an ``mlp`` head after :data:`AUTO_MLP_EPOCHS` epochs of its hidden layers.
+    """
+    stage = StageConfig(name="head", epochs=0, freeze=cfg.freeze, lr=cfg.lr)
+    if cfg.epochs != "auto":
+        return dataclasses.replace(stage, epochs=int(cfg.epochs))
+    if cfg.freeze != "body" or solvable_final(net.head) is None:
+        return dataclasses.replace(stage, epochs=AUTO_EPOCHS)
+    return dataclasses.replace(stage, epochs=AUTO_MLP_EPOCHS if net.head_config.kind == "mlp" else 0, solve=True)
+
+
+def stage_rows(stage: StageConfig) -> int:
+    """Epoch rows a stage records: its epochs, and one more when it solves the head at the end."""
+    return stage.epochs + int(stage.solve)
+
+
 def _with_epochs(stages: list[StageConfig], flags: dict[str, str] | None = None) -> list[StageConfig]:
     for s in stages:
         if s.epochs < 0:
             where = (flags or {}).get(s.name, "its epochs in train.stages")
             raise HeadstartError(f"stage {s.name!r} has {s.epochs} epochs: give 0 (to skip it) or more ({where})")
-    return [s for s in stages if s.epochs > 0]
+    return [s for s in stages if stage_rows(s) > 0]
 
 
 def lr_flag(cfg: TrainConfig, stage: StageConfig) -> str:
@@ -111,6 +139,7 @@ class StagePlan:
     cache: str
     trainable: int
     total: int
+    solve: bool = False  # the final layer is solved after the epochs (one more epoch row)
 
     @property
     def what(self) -> str:
@@ -135,7 +164,7 @@ def describe_stage(net: Network, stage: StageConfig, cfg: RunConfig) -> StagePla
     return StagePlan(name=stage.name, epochs=stage.epochs, lr=lr, layer_decay=stage.layer_decay,
                      freeze=stage.freeze, bn=stage.bn, states=trainable_state(net), bn_modes=bn_mode(net),
                      lrs=group_lrs(net, stage, 1.0 if lr == "auto" else float(lr)), cache=cache_plan(net, cfg),
-                     trainable=trainable, total=total)
+                     trainable=trainable, total=total, solve=stage.solve)
 
 
 def cache_plan(net: Network, cfg: RunConfig) -> str:

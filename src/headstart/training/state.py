@@ -25,6 +25,7 @@ from headstart.models.network import Network
 from headstart.runtime.distributed import rank0_decides
 from headstart.runtime.distributed import world as current_world
 from headstart.runtime.precision import Precision
+from headstart.training.optim import stage_rows
 from headstart.training.runs import RunDir
 
 # Set only while a stage is resumed: the states its optimizer, schedule and scaler continue from,
@@ -90,7 +91,7 @@ class FitState:
 
     def skip_finished_stage(self, stages: list[StageConfig]) -> None:
         """A run saved after its stage's last epoch (or its early stop) resumes at the next stage."""
-        if self.stage < len(stages) and (self.stopped or self.epoch >= stages[self.stage].epochs):
+        if self.stage < len(stages) and (self.stopped or self.epoch >= stage_rows(stages[self.stage])):
             self.next_stage(self.stage)
 
     def next_stage(self, index: int) -> None:
