@@ -182,7 +182,8 @@ def _help(capsys, *argv: str) -> str:
 
 def test_help_lists_defaults(capsys):
     text = _help(capsys, "train")
-    assert "--epochs N epochs of the head stage (default: 5) [train.epochs]" in text
+    assert "--epochs N|auto epochs of the head stage, or auto: fit the head's final layer" in text
+    assert "(default: auto) [train.epochs]" in text
     assert "--lr X|auto learning rate of the head stage, or auto" in text and "(default: 0.001) [train.lr]" in text
     assert "--hidden HIDDEN hidden sizes of an mlp head, comma-separated (512,256) (default: none)" in text
     assert "--no-cache compute a frozen body's features once" in text
