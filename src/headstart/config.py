@@ -192,6 +192,12 @@ class TrainConfig:
                                         help="explicit stages (YAML), replacing the phases above")
     patience: int | None = setting(None, at_least=1, shown="off",
                                    help="stop a stage after N epochs without improvement")
+    # See training/budget.py for how the plan is chosen.
+    budget: str | None = setting(None, shown="off",
+                                 help="wall-time budget of the run (15m, 1h, 1h30m): after the head stage, "
+                                      "fine-tuning plans (the last K depth groups, or everything) are timed "
+                                      "and the deepest that fits 3 epochs runs, stopping early when "
+                                      "validation stops improving; with --finetune-epochs it only bounds the time")
     # A resumed run redoes none of the batches already trained and ends exactly as if uninterrupted.
     checkpoint_minutes: float | None = setting(10.0, at_least=0, on_resume=True,
                                                help="mid-epoch last.pt at most every N minutes of training (0: off)")

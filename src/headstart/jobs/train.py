@@ -31,6 +31,7 @@ from headstart.models.backbones import build_network
 from headstart.models.freeze import count_params
 from headstart.models.network import Network
 from headstart.runtime.device import pick_device, seed_everything
+from headstart.training.budget import parse_duration
 from headstart.training.fit import FitResult, fit
 from headstart.training.optim import resolve_stages, stage_rows
 from headstart.training.runs import RunDir
@@ -115,6 +116,8 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
         cfg = validate(cfg)  # before anything is created: no run folder for a bad value
         net, data = prepare(cfg, say=say)
         resolve_stages(cfg.train, net)  # a bad schedule (negative epochs) is refused before the run folder exists
+        if cfg.train.budget is not None:
+            parse_duration(cfg.train.budget)  # so is a budget without units
         run = RunDir.new(cfg, tensorboard=cfg.tensorboard) if w.main else None
         if run is not None:
             run.write_config(cfg)
@@ -267,4 +270,5 @@ def summary(net: Network, data: Any, cfg: RunConfig, result: FitResult, seconds:
         "wall_seconds": seconds,
         "stages": stages,
         "epochs": len(result.history),
+        "budget_plan": result.plan,
     }

@@ -33,6 +33,9 @@ from headstart.models.network import Network
 from headstart.runtime.device import pick_device, seed_everything, set_cpu_speed_flags
 from headstart.runtime.distributed import all_sum, init_from_env, local_device
 from headstart.runtime.distributed import world as current_world
+from headstart.training import budget
+from headstart.training.budget import PATIENCE, PLANNED, Deadline, make_plan, parse_duration, planned_stage
+from headstart.training.console import epoch_line, stage_lines
 from headstart.training.head_solver import solvable_final, solve_head
 from headstart.training.inputs import StageInputs
 from headstart.training.loop import (
@@ -47,7 +50,6 @@ from headstart.training.loop import (
 )
 from headstart.training.lr_find import lr_find
 from headstart.training.optim import (
-    StagePlan,
     build_optimizer,
     build_scheduler,
     describe_stage,
@@ -76,6 +78,7 @@ class FitResult:
     seconds: float = 0.0
     epochs_run: int = 0
     best_checkpoint: Path | None = None
+    plan: dict[str, Any] | None = None  # what --budget measured and chose
 
 
 @dataclass
@@ -94,6 +97,7 @@ class _Fit:
     writer: CheckpointWriter | None
     clock: MidEpochClock | None
     epochs_run: int = 0
+    deadline: Deadline | None = None  # --budget
 
 
 def fit(
@@ -114,20 +118,41 @@ def fit(
     """
     job = _start(net, data, cfg, run, resume, say)
     stages = resolve_stages(job.cfg.train, net)
+    plans = job.deadline is not None and budget_plans(job.cfg)
+    if plans and job.state.plan is not None:  # resumed: the plan chosen before the stop
+        stages += [s for s in [planned_stage(job.state.plan, net, job.cfg)] if s is not None]
     job.state.skip_finished_stage(stages)
     final: ClassReport | None = None
-    for si, stage in enumerate(stages):
+    for si, stage in enumerate(stages):  # a --budget plan appends its stage while this runs
         if si < job.state.stage:
             continue
         final = _train_stage(job, si, stage, len(stages)) or final
         job.state.next_stage(si)
+        if plans and job.state.plan is None and si == len(stages) - 1:
+            stages += [s for s in [_plan(job)] if s is not None]
     if final is None:  # nothing trained (no epochs, or a resumed, finished run): evaluate once
         final = evaluate(net, make_loader(data.val, batch_size=cfg.data.batch_size * 2, shuffle=False,
                                           workers=cfg.data.workers, seed=cfg.train.seed), data.classes, job.device)
     folder = job.run.path if job.run is not None else None
     best = folder / "best.pt" if folder is not None and (folder / "best.pt").exists() else None
     return FitResult(job.state.best, final, job.state.history, folder, time.perf_counter() - job.started,
-                     job.epochs_run, best)
+                     job.epochs_run, best, job.state.plan)
+
+
+def budget_plans(cfg: RunConfig) -> bool:
+    """Whether ``--budget`` chooses the fine-tuning plan: not when the fine-tuning stages are given explicitly."""
+    tc = cfg.train
+    return tc.budget is not None and tc.finetune_epochs == 0 and not tc.stages and tc.schedule == "two-phase"
+
+
+def _plan(job: _Fit) -> StageConfig | None:
+    """Choose the fine-tuning plan against the time left, say it, and keep it in the fit's state."""
+    assert job.deadline is not None
+    plan = make_plan(job.net, job.data, job.cfg, job.device, job.deadline)
+    for line in plan.lines():
+        job.say(line)
+    job.state.plan = plan.to_dict()
+    return planned_stage(job.state.plan, job.net, job.cfg)
 
 
 def fit_until(net: Network, data: DataBundle, cfg: RunConfig, stage_index: int, *,
@@ -157,8 +182,9 @@ def _start(net: Network, data: DataBundle, cfg: RunConfig, run: RunDir | None, r
     net.to(device)
     state = FitState.from_checkpoint(resume)
     writer = CheckpointWriter(run, net, data, cfg) if run is not None else None
+    deadline = Deadline(parse_duration(tc.budget), budget.now() - state.seconds) if tc.budget else None
     return _Fit(net, data, cfg, run, say, device, build_loss(tc, data, device), state,
-                time.perf_counter() - state.seconds, writer, MidEpochClock.for_run(run, tc))
+                time.perf_counter() - state.seconds, writer, MidEpochClock.for_run(run, tc), deadline=deadline)
 
 
 def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport | None:
@@ -174,16 +200,22 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
     if state.partial:
         job.say(f"   continuing epoch {state.epoch + 1}/{stage.epochs} after its first "
                 f"{state.partial['batches']} batches")
-    final = None
+    final, took = None, 0.0
     for epoch in range(state.epoch, stage_rows(stage)):
+        if job.deadline is not None and took and not job.deadline.fits(took):
+            job.say(f"   budget: {max(0.0, job.deadline.left()) / 60:.1f} min left and an epoch takes "
+                    f"{took / 60:.1f} min: the stage ends here")
+            break
+        began = budget.now()
         # A solving stage's last row is the solve, after its epochs (if any).
         run_row = _solve_epoch if epoch == stage.epochs else _run_epoch
         row, final = run_row(job, sr, inputs, epoch)
         _end_epoch(job, sr, epoch, row)
+        took = budget.now() - began
         if state.stopped:
             unsolved = epoch < stage.epochs and stage.solve
             skipped = " (the head's final layer is left as trained, not solved)" if unsolved else ""
-            job.say(f"   early stop: no improvement for {job.cfg.train.patience} epoch(s){skipped}")
+            job.say(f"   early stop: no improvement for {state.bad_epochs} epoch(s){skipped}")
             break
     return final
 
@@ -313,7 +345,10 @@ def _end_epoch(job: _Fit, sr: StageRun, epoch: int, row: dict[str, Any]) -> None
     state.history.append(row)
     state.seconds = time.perf_counter() - job.started
     job.epochs_run += 1
-    state.track_best(row, job.cfg.train.patience)
+    patience = job.cfg.train.patience
+    if patience is None and state.plan is not None and sr.stage.name == PLANNED:
+        patience = PATIENCE  # the budget's stage stops when validation stops improving
+    state.track_best(row, patience)
     job.say(epoch_line(row, sr.stage))
     if job.writer is not None:
         job.writer.epoch_end(state, sr, epoch + 1, row)
@@ -359,30 +394,3 @@ def diverged_text(job: _Fit, sr: StageRun, epoch: int, e: Diverged, first_step: 
     if (job.run.path / "last.pt").exists():
         return text + f"; nothing non-finite was saved: {job.run.path / 'last.pt'} holds the last finite state"
     return text + "; no checkpoint was written"
-
-
-# The seed's last two steps, continuing the numbers the job's narration gives steps 1-4.
-SEED_STEPS = {"head": "5. train the classifier, ", "finetune": "6. fine-tune, "}
-
-
-def stage_lines(plan: StagePlan, si: int, n: int) -> list[str]:
-    """The console's announcement of stage ``si`` of ``n``: what it freezes and trains, at which rate."""
-    frozen = [g for g, s in plan.states.items() if s == "frozen"]
-    live = [g for g, s in plan.states.items() if s != "frozen"]
-    decay = f" (layer decay {plan.layer_decay:g})" if plan.layer_decay != 1.0 else ""
-    length = f"{plan.epochs} epoch(s), lr {plan.lr}{decay}"
-    if plan.solve:
-        solved = "final layer solved by L-BFGS, its weight decay by cross-validation on the training split"
-        length = solved if plan.epochs == 0 else f"{length}, then the {solved}"
-    step = SEED_STEPS.get(plan.name, "")
-    return [f"\n== {step}stage {si + 1}/{n}: {plan.name} ({plan.what}) — {length}, BatchNorm {plan.bn}",
-            f"   frozen: {', '.join(frozen) or 'nothing'}",
-            f"   training: {', '.join(live)}  ({plan.trainable:,} of {plan.total:,} parameters)"]
-
-
-def epoch_line(row: dict[str, Any], stage: StageConfig) -> str:
-    """The console's line for one epoch (or for the solve that ends a solving stage)."""
-    mark = "  *best*" if row.get("best") else ""
-    what = "solved" if "solved" in row else f"epoch {row['epoch']}/{stage.epochs}"
-    return (f"   {what}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
-            f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  ({row['images_per_s']:.0f} img/s){mark}")

@@ -67,6 +67,7 @@ class FitState:
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
     partial: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None  # the --budget plan, once chosen (a resumed run keeps it)
 
     @classmethod
     def from_checkpoint(cls, resume: dict[str, Any] | None) -> FitState:

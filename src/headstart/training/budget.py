@@ -1,0 +1,202 @@
+"""``--budget``: the seed's "unfreeze more layers if needed", decided against a wall-time budget, and shown.
+
+After the head stage, :func:`measure_plans` times each candidate fine-tuning plan over a few real
+training steps on a copy of the network (the trained one is not touched): the last K depth groups,
+trained from the cached output of the frozen first part of the body (whose one-off extraction is
+counted), or the whole network. :func:`choose` then takes the deepest plan that still fits
+:data:`MIN_EPOCHS` epochs into what is left of the budget, and failing that the plan that fits the
+most epochs; at most :data:`MAX_EPOCHS`. The chosen stage stops early after :data:`PATIENCE` epochs
+without a better validation accuracy, and any stage stops when the next epoch would not fit.
+
+Why "deepest that fits a few epochs": on a CPU the whole network trains 3-6x slower than its last
+groups from the cached prefix, and on the CIFAR subset the last 3 groups for 8 epochs (87.5%) beat
+the whole network for the 2 epochs that fit the same 15 minutes (85.7%; bench/README.md, section 4).
+
+All timing goes through :func:`now`, so tests can run the planner and the deadline on a fake clock.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from headstart.config import RunConfig, StageConfig
+from headstart.data import DataBundle, make_loader
+from headstart.errors import HeadstartError
+from headstart.models.freeze import unfreeze_last
+from headstart.models.network import Network
+from headstart.training.optim import apply_stage, build_optimizer
+
+MIN_EPOCHS = 3
+MAX_EPOCHS = 12
+PATIENCE = 2
+PLANNED = "finetune"  # the planned stage's name, as the two-phase schedule names fine-tuning
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def now() -> float:
+    """The clock the budget is measured on (a test replaces it)."""
+    return time.perf_counter()
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``15m``, ``1h``, ``90s``, ``1h30m`` or ``2.5h``; a bare number is refused (say the unit)."""
+    t = str(text).strip().lower().replace(" ", "")
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", t)
+    if not t or "".join(n + u for n, u in parts) != t:
+        raise HeadstartError(f"budget {text!r} is not a duration: write it with units, e.g. 15m, 1h, 90s or 1h30m")
+    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise HeadstartError(f"budget {text!r} must be longer than 0 seconds")
+    return seconds
+
+
+@dataclass
+class Candidate:
+    """One fine-tuning plan and what it was measured to cost: a one-off extraction, then per epoch."""
+
+    groups: int  # the last ``groups`` depth groups train (all of them: the whole network)
+    of: int  # depth groups in the body
+    extract_s: float
+    epoch_s: float
+    epochs: int = 0  # how many fit in the time left (set by ``choose``)
+
+    @property
+    def name(self) -> str:
+        return "the whole network" if self.groups >= self.of else f"the last {self.groups} of {self.of} groups"
+
+    def cost(self, epochs: int) -> float:
+        return self.extract_s + epochs * self.epoch_s
+
+
+@dataclass
+class Plan:
+    """What the planner saw and decided; ``chosen`` is None when not even one epoch fits."""
+
+    budget_s: float
+    left_s: float
+    candidates: list[Candidate] = field(default_factory=list)
+    chosen: Candidate | None = None
+
+    def lines(self) -> list[str]:
+        """The console's account: the time left, every plan with its estimate, the choice."""
+        out = [f"\n== budget {self.budget_s / 60:.1f} min: {self.left_s / 60:.1f} min left after the head stage; "
+               "fine-tuning plans, timed over a few steps:"]
+        for c in self.candidates:
+            mark = "  <- chosen" if c is self.chosen else ""
+            out.append(f"   {c.name:<26} {c.extract_s:7.0f}s once + {c.epoch_s:6.0f}s/epoch -> "
+                       f"{c.epochs} epoch(s) fit{mark}")
+        if self.chosen is None:
+            out.append("   no plan fits one epoch in the time left: the head stage's model is the result")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget_s": self.budget_s, "left_s": self.left_s,
+                "candidates": [dataclasses.asdict(c) for c in self.candidates],
+                "chosen": None if self.chosen is None else self.candidates.index(self.chosen)}
+
+
+def choose(candidates: list[Candidate], left_s: float) -> Candidate | None:
+    """The deepest plan that fits MIN_EPOCHS epochs in ``left_s``, else the one that fits the most (ties: deeper)."""
+    for c in candidates:
+        c.epochs = min(MAX_EPOCHS, max(0, int((left_s - c.extract_s) // c.epoch_s))) if c.epoch_s > 0 else 0
+    fitting = [c for c in candidates if c.epochs >= MIN_EPOCHS]
+    if fitting:
+        return max(fitting, key=lambda c: c.groups)
+    some = [c for c in candidates if c.epochs >= 1]
+    return max(some, key=lambda c: (c.epochs, c.groups)) if some else None
+
+
+def planned_stage(plan: dict[str, Any], net: Network, cfg: RunConfig) -> StageConfig | None:
+    """The fine-tuning stage a plan (as saved in ``to_dict``) runs; None when it chose none."""
+    if plan.get("chosen") is None:
+        return None
+    c = plan["candidates"][plan["chosen"]]
+    tc = cfg.train
+    k = "all" if c["groups"] >= c["of"] else c["groups"]
+    return StageConfig(name=PLANNED, epochs=c["epochs"], freeze=unfreeze_last(net, k), lr=tc.finetune_lr,
+                       layer_decay=tc.layer_decay, bn=tc.finetune_bn)
+
+
+def candidate_groups(n: int) -> list[int]:
+    """The plans worth timing for a body of ``n`` depth groups: the last 1, 2, 3, half, and all."""
+    return sorted({k for k in (1, 2, 3, n // 2, n) if 1 <= k <= n})
+
+
+def measure_plans(net: Network, data: DataBundle, cfg: RunConfig, device: torch.device) -> list[Candidate]:
+    """Time every candidate plan on a copy of ``net`` (a few real steps each) and estimate its costs."""
+    x, y = next(iter(make_loader(data.train, batch_size=cfg.data.batch_size, shuffle=True, workers=0,
+                                 seed=cfg.train.seed)))
+    x, y = x.to(device), y.to(device)
+    n = len(net.groups)
+    views = (cfg.cache.views if cfg.data.augment else 1) if cfg.cache.enabled else 0
+    candidates = []
+    for k in candidate_groups(n):
+        per_prefix, per_step, per_val = _time_plan(net, cfg, k, x, y)
+        batches = max(1, len(data.train) // cfg.data.batch_size)
+        extract = per_prefix * (len(data.train) * max(1, views) + len(data.val)) if per_prefix else 0.0
+        candidates.append(Candidate(k, n, extract, batches * per_step + len(data.val) * per_val))
+    return candidates
+
+
+def make_plan(net: Network, data: DataBundle, cfg: RunConfig, device: torch.device, deadline: Deadline) -> Plan:
+    """Measure the candidates, then choose with what is left once measuring is done."""
+    candidates = measure_plans(net, data, cfg, device)
+    left = deadline.left()
+    return Plan(deadline.budget_s, left, candidates, choose(candidates, left))
+
+
+def _time_plan(net: Network, cfg: RunConfig, k: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """Seconds per image of the frozen prefix (0: none is cached), per training step, per validated image."""
+    probe = copy.deepcopy(net)
+    tc = cfg.train
+    stage = StageConfig(name="probe", epochs=1, freeze=unfreeze_last(probe, "all" if k >= len(net.groups) else k),
+                        lr=tc.finetune_lr, layer_decay=tc.layer_decay, bn=tc.finetune_bn)
+    apply_stage(probe, stage)
+    cut = probe.frozen_prefix() if cfg.cache.enabled and probe.chain is not None and k < len(net.groups) else 0
+    per_prefix = 0.0
+    with torch.inference_mode():
+        start = now()
+        a = probe.eval().run_steps(x, 0, cut) if cut else x
+        if cut:
+            per_prefix = (now() - start) / len(x)
+    a = a.clone()
+    rest: Callable[[torch.Tensor], torch.Tensor] = (lambda t: probe.head(probe.run_steps(t, cut))) if cut else probe
+    opt = build_optimizer(probe, stage, tc)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    probe.train()
+    times = []
+    for _ in range(3):  # the first step warms up allocations and is not counted
+        start = now()
+        loss = loss_fn(rest(a), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(now() - start)
+    probe.eval()
+    with torch.inference_mode():
+        start = now()
+        rest(a)
+        per_val = (now() - start) / len(x)
+    return per_prefix, sum(times[1:]) / 2, per_val
+
+
+class Deadline:
+    """When the run's budget ends; :meth:`fits` says whether one more epoch of a stage can still run."""
+
+    def __init__(self, budget_s: float, started: float) -> None:
+        self.budget_s, self.end = budget_s, started + budget_s
+
+    def left(self) -> float:
+        return self.end - now()
+
+    def fits(self, epoch_s: float) -> bool:
+        return self.left() >= epoch_s

@@ -1,0 +1,124 @@
+"""``--budget``: durations, the choice between fine-tuning plans, and a whole run on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from headstart.config import RunConfig, apply_overrides
+from headstart.errors import HeadstartError
+from headstart.jobs.train import prepare
+from headstart.training import budget
+from headstart.training import fit as fit_module
+from headstart.training.budget import MAX_EPOCHS, MIN_EPOCHS, Candidate, choose, parse_duration
+from headstart.training.fit import fit
+
+
+def test_durations_need_units():
+    assert parse_duration("15m") == 900 and parse_duration("1h30m") == 5400
+    assert parse_duration("90s") == 90 and parse_duration("2.5h") == 9000 and parse_duration(" 1H ") == 3600
+    for bad in ("15", "abc", "0m", "15 minutes", "", "m"):
+        with pytest.raises(HeadstartError, match="budget"):
+            parse_duration(bad)
+
+
+def plans() -> list[Candidate]:
+    # The last 1 / 2 groups from the cached prefix (an extraction once), or the whole network.
+    return [Candidate(1, 5, extract_s=30, epoch_s=10), Candidate(2, 5, extract_s=20, epoch_s=20),
+            Candidate(5, 5, extract_s=0, epoch_s=100)]
+
+
+def test_the_deepest_plan_that_fits_three_epochs_is_chosen():
+    chosen = choose(plans(), left_s=400)  # the whole network fits 4 epochs
+    assert chosen is not None and chosen.groups == 5 and chosen.epochs == 4
+    chosen = choose(plans(), left_s=200)  # only 2 of the whole network: the last 2 groups fit 9
+    assert chosen is not None and chosen.groups == 2 and chosen.epochs == 9
+
+
+def test_a_tight_budget_picks_the_cheaper_plan_and_none_when_nothing_fits():
+    chosen = choose(plans(), left_s=65)  # fewer than 3 epochs for each: the one that fits most
+    assert chosen is not None and chosen.groups == 1 and chosen.epochs == 3
+    chosen = choose(plans(), left_s=55)
+    assert chosen is not None and chosen.groups == 1 and chosen.epochs == 2 < MIN_EPOCHS
+    assert choose(plans(), left_s=25) is None
+    many = choose(plans(), left_s=1e6)
+    assert many is not None and many.groups == 5 and many.epochs == MAX_EPOCHS
+
+
+class FakeClock:
+    """Time moves only when the test says so: an epoch costs what its plan says."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def run_on_fake_clock(tmp_path, monkeypatch, budget_text: str, **overrides):
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    # Measured costs per plan (prefix seconds per image, seconds per step, per validated image):
+    # the whole network (5 groups of resnet18) is 10x dearer per step than the last groups.
+    monkeypatch.setattr(budget, "_time_plan",
+                        lambda net, cfg, k, x, y: (0.0, 50.0, 0.0) if k >= len(net.groups) else (0.01, 5.0, 0.0))
+    real_epoch = fit_module._run_epoch
+
+    def epoch_with_cost(job, sr, inputs, epoch):
+        whole = sr.stage.freeze == "none"
+        clock.t += 50.0 * 4 if whole else 5.0 * 4  # 4 steps per epoch at the measured step cost
+        return real_epoch(job, sr, inputs, epoch)
+
+    monkeypatch.setattr(fit_module, "_run_epoch", epoch_with_cost)
+    base = {"model.name": "resnet18", "model.weights": "none", "model.input_size": 32, "data.source": "digits",
+            "data.limit_train": 128, "data.limit_val": 32, "data.batch_size": 32, "train.progress": False,
+            "train.device": "cpu", "cache.dir": str(tmp_path / "cache"), "train.budget": budget_text}
+    cfg = apply_overrides(RunConfig(), base | overrides)
+    net, data = prepare(cfg)
+    lines: list[str] = []
+    start = clock.t
+    result = fit(net, data, cfg, say=lines.append)
+    return result, clock.t - start, "\n".join(lines)
+
+
+def test_a_run_stays_within_its_budget_and_shows_the_plan(tmp_path, monkeypatch):
+    result, took, text = run_on_fake_clock(tmp_path, monkeypatch, "15m")
+    assert result.plan is not None
+    chosen = result.plan["candidates"][result.plan["chosen"]]
+    # 900 s: the whole network costs 200 s an epoch, so it fits 4 epochs: it is the deepest with 3.
+    assert chosen["groups"] == 5 and chosen["epochs"] == 4
+    assert took <= 900 * 1.1
+    assert "fine-tuning plans, timed over a few steps" in text and "<- chosen" in text
+    finetune = [r for r in result.history if r["stage"] == "finetune"]
+    assert 1 <= len(finetune) <= 4
+
+
+def test_a_tight_budget_fine_tunes_the_last_groups_only(tmp_path, monkeypatch):
+    result, took, text = run_on_fake_clock(tmp_path, monkeypatch, "3m")
+    chosen = result.plan["candidates"][result.plan["chosen"]]
+    assert chosen["groups"] < chosen["of"]  # the whole network would fit no 3 epochs of 200 s
+    assert took <= 180 * 1.1
+    assert "the last" in text
+
+
+def test_explicit_fine_tuning_wins_and_the_budget_only_bounds_the_time(tmp_path, monkeypatch):
+    result, took, text = run_on_fake_clock(tmp_path, monkeypatch, "10m", **{"train.finetune_epochs": 10})
+    assert result.plan is None and "fine-tuning plans" not in text
+    finetune = [r for r in result.history if r["stage"] == "finetune"]
+    assert len(finetune) < 10 and took <= 600 * 1.1  # 200 s per epoch: stopped when the next would not fit
+    assert "the stage ends here" in text
+
+
+def test_plans_are_timed_for_real_on_a_copy_that_leaves_the_network_alone(tmp_path):
+    base = {"model.name": "resnet18", "model.weights": "none", "model.input_size": 32, "data.source": "digits",
+            "data.limit_train": 64, "data.limit_val": 32, "data.batch_size": 16, "train.progress": False,
+            "train.device": "cpu", "cache.dir": str(tmp_path / "cache")}
+    cfg = apply_overrides(RunConfig(), base)
+    net, data = prepare(cfg)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    import torch
+
+    candidates = budget.measure_plans(net, data, cfg, torch.device("cpu"))
+    assert [c.groups for c in candidates] == [1, 2, 3, 5]
+    assert all(c.epoch_s > 0 for c in candidates)
+    assert all(c.extract_s > 0 for c in candidates[:-1]) and candidates[-1].extract_s == 0  # the whole network: none
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
