@@ -98,10 +98,15 @@ def _curves_section(run: RunRecord, out: Path) -> str:
     if not history:
         return section_html("curves", "", "No epochs were logged (metrics.jsonl is missing or empty).")
     with quiet():
-        png = figure_png(learning_curves_figure(history))
+        png = figure_png(learning_curves_figure(history, run.steps))
+    if run.steps is not None:
+        rates = ("each depth group's learning rate at every optimizer step, from the run's TensorBoard events "
+                 f"({run.steps.steps_per_epoch:g} steps per epoch).")
+    else:  # the epoch rows hold only each epoch's first rate: say what is missing, and why
+        rates = (f"each depth group's learning rate at the start of each epoch only, since {run.steps_note}; "
+                 "warm-up and decay within epochs are not shown.")
     cap = ("Loss and accuracy per epoch; dashed lines separate the stages (named above each plot); the star "
-           "is the best validation accuracy. Below: each depth group's learning rate at the start of each "
-           "epoch (warm-up and decay happen within epochs).")
+           f"is the best validation accuracy. Below: {esc(rates)}")
     return section_html("curves", figure_html(png, out / "learning_curves.png", "learning curves", cap))
 
 
