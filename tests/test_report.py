@@ -268,6 +268,15 @@ def test_learning_rate_panel_without_events_says_it_shows_epoch_starts(digits_ru
     assert "at the start of each epoch only" in curves and "no TensorBoard events" in curves
 
 
+def test_data_section_speaks_words_not_python_values(digits_report: Path) -> None:
+    data = _section(digits_report.read_text(), "data")
+    assert "at most 80 training images, at most 40 validation images" in data
+    assert "<dt>augmentation</dt><dd>on</dd>" in data and "<dt>class-balanced batches</dt><dd>off</dd>" in data
+    assert "20% held out" in data
+    for python in ("True", "False", "None", "limit_train", "val_split"):
+        assert python not in data, python
+
+
 def _picture_of(fig, tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
     path.write_bytes(figure_png(fig))

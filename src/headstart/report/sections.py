@@ -289,10 +289,25 @@ def _data_section(run: RunRecord, interp: Any) -> str:
         vals = list(counts[s].values()) or [0]
         facts.append((f"{s} images", f"{t:,} (per class {min(vals)} to {max(vals)})"))
     if run.cfg is not None:
-        d = run.cfg.data
-        facts.append(("split and limits", (f"val_split {d.val_split}, seed {run.cfg.train.seed}, limit_train "
-                                          f"{d.limit_train}, limit_val {d.limit_val}, augment {d.augment}")))
+        facts += _data_settings(run.cfg)
     return section_html("data", kv_list(facts) + html_table(["class", *splits], rows, "counts"))
+
+
+def _data_settings(cfg: Any) -> list[tuple[str, str]]:
+    """How the run drew its images, in words (on/off, "all"), not as Python values."""
+    d = cfg.data
+
+    def limit(n: int | None, what: str) -> str:
+        return f"all {what} images" if n is None else f"at most {n:,} {what} images"
+
+    augment = "off" if not d.augment else "on" if d.auto_augment == "none" else f"on, with {d.auto_augment}"
+    return [
+        ("validation split", f"{d.val_split:.0%} held out when the data has no split of its own (seed "
+                             f"{cfg.train.seed})"),
+        ("images used", f"{limit(d.limit_train, 'training')}, {limit(d.limit_val, 'validation')}"),
+        ("augmentation", augment),
+        ("class-balanced batches", "on" if d.balanced else "off"),
+    ]
 
 
 def _lr_find_section(run: RunRecord, out: Path) -> str:
