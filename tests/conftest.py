@@ -1,9 +1,13 @@
-"""Shared test set-up: one torch thread, caches inside each test's tmp_path, logging restored."""
+"""Shared test set-up: one torch thread, caches inside each test's tmp_path, logging restored; the
+real ImageNet samples of ``../shared/data`` for the tests marked ``data``."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +35,28 @@ def _isolated(tmp_path, monkeypatch):
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+def shared_data() -> Path:
+    """``../shared/data`` beside the checkout (or ``$HEADSTART_SHARED_DATA``): real data, never committed."""
+    env = os.environ.get("HEADSTART_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def imagenet_samples(tmp_path_factory) -> tuple[Path, list[tuple[str, int]]]:
+    """Every other one of the 1,000 sample images, unpacked once: (folder, [(file, class_index)]).
+
+    500 images halve the run time (the CPU forward passes dominate) and still separate a right
+    preprocessing from a wrong one: see the bounds in test_weights_store.py and test_pretrained.py.
+    """
+    tarball = shared_data() / "imagenet-samples.tar.gz"
+    if not tarball.is_file():
+        pytest.skip(f"{tarball} not found")
+    root = tmp_path_factory.mktemp("imagenet")
+    with tarfile.open(tarball) as tar:
+        tar.extractall(root, filter="data")
+    folder = root / "imagenet-samples"
+    with open(folder / "labels.csv", newline="") as f:
+        rows = [(r["file"], int(r["class_index"])) for r in csv.DictReader(f)]
+    return folder, rows[::2]

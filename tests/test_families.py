@@ -406,7 +406,17 @@ def test_weights_file_with_another_class_count_skips_aux_layers(tmp_path, name):
     path = _save(model.state_dict(), tmp_path / f"{name}10.pth")
     net = build_network(name, weights=str(path), num_classes=10)
     conv = "conv1.conv.weight" if name == "googlenet" else "Conv2d_1a_3x3.conv.weight"
-    assert torch.equal(net.body.state_dict()[conv], model.state_dict()[conv])
+    saved, body = model.state_dict(), net.body.state_dict()
+    assert torch.equal(body[conv], saved[conv])
+    # The auxiliary classifiers are kept, each with a new 10-class last layer; only that layer (sized
+    # for the model's 1,000 ImageNet classes when the file was read) was skipped: the rest of each
+    # auxiliary classifier holds the file's weights.
+    assert len(net.aux) == (2 if name == "googlenet" else 1)
+    for last in net.aux:
+        assert net.body.get_submodule(last).out_features == 10
+        root = last.split(".")[0]
+        kept = [k for k in saved if k.startswith(root + ".") and not k.startswith(last + ".")]
+        assert kept and all(torch.equal(body[k], saved[k]) for k in kept), root
 
 
 def test_weights_file_skips_the_family_final_layer_and_keeps_the_rest_of_the_head(tmp_path):

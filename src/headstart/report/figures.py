@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
     from headstart.evaluation.interpret import Interpretation, Prediction
+    from headstart.report.run import StepRates
 from headstart.report.markup import short
 
 DPI = 110
@@ -101,8 +102,12 @@ def _epoch_axis(ax: Any, xs: Sequence[float]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def learning_curves_figure(history: Sequence[dict[str, Any]]) -> Figure:
-    """Loss and accuracy per epoch (top) and each depth group's learning rate (bottom), stages marked."""
+def learning_curves_figure(history: Sequence[dict[str, Any]], steps: StepRates | None = None) -> Figure:
+    """Loss and accuracy per epoch (top) and each depth group's learning rate (bottom), stages marked.
+
+    With ``steps`` (the run's TensorBoard scalars) the rates are drawn at every optimizer step,
+    warm-up and decay within epochs included; without, at the start of each epoch only.
+    """
     fig = new_figure(11, 7.6)
     gs = fig.add_gridspec(2, 2, height_ratios=[1.2, 1])
     ax_loss, ax_acc, ax_lr = fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1]), fig.add_subplot(gs[1, :])
@@ -111,7 +116,10 @@ def learning_curves_figure(history: Sequence[dict[str, Any]]) -> Figure:
     mk = {"marker": "o", "markersize": 4} if len(xs) <= 40 else {}
     _plot_loss(ax_loss, history, xs, mk)
     _plot_accuracy(ax_acc, history, xs, mk)
-    _plot_lrs(ax_lr, history, xs, mk)
+    if steps is not None:
+        _plot_step_lrs(ax_lr, history, steps, spans)
+    else:
+        _plot_lrs(ax_lr, history, xs, mk)
     for ax in (ax_loss, ax_acc, ax_lr):
         _mark_stages(ax, spans, label=True)
         _epoch_axis(ax, xs)
@@ -182,9 +190,50 @@ def _plot_lrs(ax: Any, history: Sequence[dict[str, Any]], xs: list[float], mk: d
     if positive:
         ax.set_yscale("log")
     ax.set_ylabel("learning rate at epoch start")
+    _lr_legend(ax, groups)
+
+
+def _plot_step_lrs(ax: Any, history: Sequence[dict[str, Any]], steps: StepRates,
+                   spans: list[tuple[str, float, float]]) -> None:
+    """One line per group through every optimizer step's rate, broken where a stage begins."""
+    from matplotlib import colormaps
+
+    known = _lr_groups(history)
+    extra = [g for g in steps.lrs if g not in known]  # groups no epoch row names (a run cut short)
+    groups = [g for g in known if g in steps.lrs] + extra
+    groups = [g for g in groups if g != "head"] + (["head"] if "head" in groups else [])
+    body = [g for g in groups if g != "head"]
+    starts = [a - 0.5 for _, a, _ in spans[1:]]  # stage boundaries on the epoch axis
+    positive = False
+    for g in groups:
+        pts = [(steps.epoch_position(s), v) for s, v in steps.lrs[g]]
+        positive |= any(v > 0 for _, v in pts)
+        depth = body.index(g) / max(1, len(body) - 1) if g in body else 1.0
+        style = _lr_style(g, depth, colormaps["viridis"], len(pts) <= 40)
+        for k, seg in enumerate(_split_at(pts, starts)):
+            xs, ys = zip(*seg)
+            ax.plot(xs, [y if y > 0 else float("nan") for y in ys], label=short(g, 20) if k == 0 else None,
+                    **style)
+    if positive:
+        ax.set_yscale("log")
+    ax.set_ylabel("learning rate per optimizer step")
+    _lr_legend(ax, groups)
+
+
+def _lr_legend(ax: Any, groups: Sequence[str]) -> None:
     if groups:
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7 if len(groups) > 8 else 8,
                   ncol=1 if len(groups) <= 14 else 2, title="depth group", title_fontsize=8)
+
+
+def _split_at(pts: list[tuple[float, float]], cuts: Sequence[float]) -> list[list[tuple[float, float]]]:
+    """``pts`` (in x order) in runs that no cut falls inside: each stage builds a new optimizer."""
+    runs: list[list[tuple[float, float]]] = []
+    for p in pts:
+        if not runs or any(runs[-1][-1][0] < c <= p[0] for c in cuts):
+            runs.append([])
+        runs[-1].append(p)
+    return runs
 
 
 def _stage_key(row: dict[str, Any]) -> tuple[Any, Any]:

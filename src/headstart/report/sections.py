@@ -24,6 +24,7 @@ from headstart.report.figures import (
     quiet,
 )
 from headstart.report.markup import Cell, count_text, duration, esc, figure_html, html_table, kv_list, pct, share
+from headstart.report.resolved import annotate_config, resolved_values
 from headstart.report.run import RunRecord, stage_plans
 
 
@@ -98,10 +99,15 @@ def _curves_section(run: RunRecord, out: Path) -> str:
     if not history:
         return section_html("curves", "", "No epochs were logged (metrics.jsonl is missing or empty).")
     with quiet():
-        png = figure_png(learning_curves_figure(history))
+        png = figure_png(learning_curves_figure(history, run.steps))
+    if run.steps is not None:
+        rates = ("each depth group's learning rate at every optimizer step, from the run's TensorBoard events "
+                 f"({run.steps.steps_per_epoch:g} steps per epoch).")
+    else:  # the epoch rows hold only each epoch's first rate: say what is missing, and why
+        rates = (f"each depth group's learning rate at the start of each epoch only, since {run.steps_note}; "
+                 "warm-up and decay within epochs are not shown.")
     cap = ("Loss and accuracy per epoch; dashed lines separate the stages (named above each plot); the star "
-           "is the best validation accuracy. Below: each depth group's learning rate at the start of each "
-           "epoch (warm-up and decay happen within epochs).")
+           f"is the best validation accuracy. Below: {esc(rates)}")
     return section_html("curves", figure_html(png, out / "learning_curves.png", "learning curves", cap))
 
 
@@ -190,7 +196,8 @@ def _unsure_section(interp: Any, problem: str, out: Path) -> str:
 
 def _trained_section(run: RunRecord) -> str:
     if run.checkpoint is None:
-        return section_html("trained", _config_block(run), "No checkpoint yet: the model cannot be described.")
+        return section_html("trained", _config_block(run), "No checkpoint yet: the model cannot be described, "
+                            "and values left to the run (null, DEFAULT, auto) are shown as asked.")
     from headstart.config import RunConfig, from_dict
     from headstart.models import checkpoint
     from headstart.models.freeze import count_params
@@ -209,14 +216,15 @@ def _trained_section(run: RunRecord) -> str:
                 f"{tc.warmup:.0%} of each stage, weight decay {tc.weight_decay}")
     facts = kv_list([
         ("model", f"{net.name} ({net.source})"),
-        ("weights", cfg.model.weights),
+        ("weights", _weights_text(cfg.model.weights, ckpt.get("pretrained"))),
         ("input", f"{pre.crop}×{pre.crop} px (resize {pre.resize}, {pre.interpolation})"),
         ("classifier", f"{net.head_config.kind} head, {net.num_classes} classes, {head:,} parameters"),
         ("parameters", f"{total:,} in all, {total - head:,} in the body's {len(net.groups)} depth groups"),
         ("schedule", schedule),
         ("wall time", f"{duration(run.summary.get('wall_seconds'))} (whole job)"),
     ])
-    inner = facts + _stages_table(run, plans, total) + _freeze_map(plans, group_sizes) + _config_block(run)
+    filled = resolved_values(cfg, ckpt, run.history)
+    inner = facts + _stages_table(run, plans, total) + _freeze_map(plans, group_sizes) + _config_block(run, filled)
     return section_html("trained", inner)
 
 
@@ -290,7 +298,12 @@ def _freeze_map(plans: Sequence[StagePlan], group_sizes: dict[str, int]) -> str:
             + html_table(["depth group", "parameters", *[p.name for p in plans]], rows, "freeze"))
 
 
-def _config_block(run: RunRecord) -> str:
+def _weights_text(asked: str, loaded: Any) -> str:
+    return f"{asked} = {loaded}" if isinstance(loaded, str) and loaded not in ("", asked) else asked
+
+
+def _config_block(run: RunRecord, filled: dict[str, tuple[Any, str]] | None = None) -> str:
+    """The run's config as it ran: ``filled`` values put in, each marked (see :mod:`headstart.report.resolved`)."""
     text = run.config_text
     if not text and run.cfg is not None:
         import yaml
@@ -298,7 +311,12 @@ def _config_block(run: RunRecord) -> str:
         from headstart.config import to_dict
 
         text = yaml.safe_dump(to_dict(run.cfg), sort_keys=False)
-    return f"<h3>Resolved config</h3><pre>{esc(text or 'config.yaml is missing')}</pre>"
+    if not text:
+        return "<h3>Resolved config</h3><pre>config.yaml is missing</pre>"
+    note = ('<p class="note">As the run used it: values the run resolved are filled in and marked '
+            "<code># resolved</code>; automatic choices it does not record are marked so.</p>"
+            if filled is not None else "")
+    return f"<h3>Resolved config</h3>{note}<pre>{esc(annotate_config(text, filled or {}))}</pre>"
 
 
 def _data_section(run: RunRecord, interp: Any) -> str:
@@ -318,10 +336,25 @@ def _data_section(run: RunRecord, interp: Any) -> str:
         vals = list(counts[s].values()) or [0]
         facts.append((f"{s} images", f"{t:,} (per class {min(vals)} to {max(vals)})"))
     if run.cfg is not None:
-        d = run.cfg.data
-        facts.append(("split and limits", (f"val_split {d.val_split}, seed {run.cfg.train.seed}, limit_train "
-                                          f"{d.limit_train}, limit_val {d.limit_val}, augment {d.augment}")))
+        facts += _data_settings(run.cfg)
     return section_html("data", kv_list(facts) + html_table(["class", *splits], rows, "counts"))
+
+
+def _data_settings(cfg: Any) -> list[tuple[str, str]]:
+    """How the run drew its images, in words (on/off, "all"), not as Python values."""
+    d = cfg.data
+
+    def limit(n: int | None, what: str) -> str:
+        return f"all {what} images" if n is None else f"at most {n:,} {what} images"
+
+    augment = "off" if not d.augment else "on" if d.auto_augment == "none" else f"on, with {d.auto_augment}"
+    return [
+        ("validation split", f"{d.val_split:.0%} held out when the data has no split of its own (seed "
+                             f"{cfg.train.seed})"),
+        ("images used", f"{limit(d.limit_train, 'training')}, {limit(d.limit_val, 'validation')}"),
+        ("augmentation", augment),
+        ("class-balanced batches", "on" if d.balanced else "off"),
+    ]
 
 
 def _lr_find_section(run: RunRecord, out: Path) -> str:
