@@ -260,6 +260,7 @@ def summary(net: Network, data: Any, cfg: RunConfig, result: FitResult, seconds:
     return {
         "model": net.name,
         "weights": cfg.model.weights,
+        "weights_loaded": net.weights_name,  # what DEFAULT resolved to on this machine
         "data": data.source,
         "classes": data.classes,
         "class_counts": data.class_counts(),

@@ -15,6 +15,7 @@ from headstart.errors import HeadstartError
 
 if TYPE_CHECKING:  # pragma: no cover
     from headstart.training.optim import StagePlan
+from headstart.report.choices import budget_notes, solved_notes
 from headstart.report.figures import (
     EXAMPLES,
     confusion_figure,
@@ -72,6 +73,9 @@ def _summary_section(run: RunRecord, interp: Any) -> str:
     s, cfg = run.summary, run.cfg
     model = s.get("model") or (cfg.model.name if cfg else "?")
     weights = s.get("weights") or (cfg.model.weights if cfg else "?")
+    loaded = s.get("weights_loaded")
+    if loaded and loaded != weights:
+        weights = f"{weights} = {loaded}"  # DEFAULT as it resolved on the machine that trained
     pairs = [
         ("run folder", run.path.name),
         ("model", f"{model} (weights {weights})"),
@@ -246,43 +250,9 @@ def _stages_table(run: RunRecord, plans: Sequence[StagePlan], total: int) -> str
                      f"{d['images_per_s']:,.0f}" if d.get("images_per_s") else "–"])
     header = ["stage", "epochs run", "base lr", "layer decay", "freeze", "BatchNorm", "trainable parameters",
               "training time", "images/s"]
-    return ("<h3>Stages</h3>" + html_table(header, rows, "stages") + _solved_notes(run) + _budget_notes(run)
+    return ("<h3>Stages</h3>" + html_table(header, rows, "stages") + solved_notes(run) + budget_notes(run)
             + '<p class="note">Training time sums the epochs\' training passes and the feature caching of '
               "a frozen body (validation not included); images/s is the last epoch's training throughput.</p>")
-
-
-def _budget_notes(run: RunRecord) -> str:
-    """The --budget plan: every candidate with its measured cost, the one chosen, and what it ran."""
-    plan = run.summary.get("budget_plan")
-    if not isinstance(plan, dict):
-        return ""
-    rows = []
-    for i, c in enumerate(plan.get("candidates") or []):
-        name = "the whole network" if c["groups"] >= c["of"] else f"the last {c['groups']} of {c['of']} groups"
-        rows.append([name + (" (chosen)" if i == plan.get("chosen") else ""), duration(c["extract_s"]),
-                     duration(c["epoch_s"]), str(c["epochs"])])
-    ran = sum(1 for r in run.history if r.get("stage") == "finetune")
-    head = (f"<h3>Budget</h3><p>Budget {duration(plan['budget_s'])}; {duration(plan['left_s'])} were left after "
-            f"the head stage. Each fine-tuning plan was timed over a few steps; the deepest that fits 3 epochs "
-            f"runs (else the one that fits the most), stopping when validation stops improving. "
-            f"Fine-tuning ran {ran} epoch(s); the whole job took {duration(run.summary.get('wall_seconds'))}.</p>")
-    return head + html_table(["plan", "one-off extraction", "per epoch", "epochs that fit"], rows, "budget")
-
-
-def _solved_notes(run: RunRecord) -> str:
-    """What the head solver chose in each solving stage, and the cross-validated score behind the choice."""
-    notes = []
-    for r in run.history:
-        s = r.get("solved")
-        if not isinstance(s, dict):
-            continue
-        tried = ", ".join(f"{k}: {pct(v)}" for k, v in (s.get("scores") or {}).items())
-        notes.append(f"<p>Stage <b>{esc(str(r.get('stage')))}</b>: the head's final layer was solved by L-BFGS; "
-                     f"weight decay <b>{s.get('weight_decay', 0):g}</b> was chosen by {s.get('folds')}-fold "
-                     f"cross-validation on the training split alone, cross-validated accuracy "
-                     f"<b>{pct(s.get('cv_accuracy'))}</b> (loss {s.get('cv_loss', float('nan')):.3f}); "
-                     f"validation accuracy afterwards {pct(r.get('val_acc'))}. Tried: {esc(tried)}.</p>")
-    return "".join(notes)
 
 
 def _freeze_map(plans: Sequence[StagePlan], group_sizes: dict[str, int]) -> str:

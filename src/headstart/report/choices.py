@@ -1,0 +1,40 @@
+"""What training chose by itself, as the report tells it: the solved head's weight decay, the --budget plan."""
+
+from __future__ import annotations
+
+from headstart.report.markup import duration, esc, html_table, pct
+from headstart.report.run import RunRecord
+
+
+def budget_notes(run: RunRecord) -> str:
+    """The --budget plan: every candidate with its measured cost, the one chosen, and what it ran."""
+    plan = run.summary.get("budget_plan")
+    if not isinstance(plan, dict):
+        return ""
+    rows = []
+    for i, c in enumerate(plan.get("candidates") or []):
+        name = "the whole network" if c["groups"] >= c["of"] else f"the last {c['groups']} of {c['of']} groups"
+        rows.append([name + (" (chosen)" if i == plan.get("chosen") else ""), duration(c["extract_s"]),
+                     duration(c["epoch_s"]), str(c["epochs"])])
+    ran = sum(1 for r in run.history if r.get("stage") == "finetune")
+    head = (f"<h3>Budget</h3><p>Budget {duration(plan['budget_s'])}; {duration(plan['left_s'])} were left after "
+            f"the head stage. Each fine-tuning plan was timed over a few steps; the deepest that fits 3 epochs "
+            f"runs (else the one that fits the most), stopping when validation stops improving. "
+            f"Fine-tuning ran {ran} epoch(s); the whole job took {duration(run.summary.get('wall_seconds'))}.</p>")
+    return head + html_table(["plan", "one-off extraction", "per epoch", "epochs that fit"], rows, "budget")
+
+
+def solved_notes(run: RunRecord) -> str:
+    """What the head solver chose in each solving stage, and the cross-validated score behind the choice."""
+    notes = []
+    for r in run.history:
+        s = r.get("solved")
+        if not isinstance(s, dict):
+            continue
+        tried = ", ".join(f"{k}: {pct(v)}" for k, v in (s.get("scores") or {}).items())
+        notes.append(f"<p>Stage <b>{esc(str(r.get('stage')))}</b>: the head's final layer was solved by L-BFGS; "
+                     f"weight decay <b>{s.get('weight_decay', 0):g}</b> was chosen by {s.get('folds')}-fold "
+                     f"cross-validation on the training split alone, cross-validated accuracy "
+                     f"<b>{pct(s.get('cv_accuracy'))}</b> (loss {s.get('cv_loss', float('nan')):.3f}); "
+                     f"validation accuracy afterwards {pct(r.get('val_acc'))}. Tried: {esc(tried)}.</p>")
+    return "".join(notes)
