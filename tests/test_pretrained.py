@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import headstart as hs
+from conftest import shared_data
 from headstart.models import checkpoint
 from headstart.models.weights import packaged_file
 
@@ -50,20 +51,45 @@ def test_imagenet_weights_score_far_above_chance_in_predict_and_eval(imagenet_sa
     assert top1 >= 0.78 and report.top1 == pytest.approx(top1, abs=1.5 / len(rows)) and report.top5 >= 0.9
 
 
+@pytest.fixture(scope="module")
+def clothing_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three classes of clothing-small's real photos, 50 train and 40 validation images each (symlinks)."""
+    import random
+    import tarfile
+
+    tarball = shared_data() / "clothing-small.tar.gz"
+    if not tarball.is_file():
+        pytest.skip(f"{tarball} not found")
+    root = tmp_path_factory.mktemp("clothing")
+    with tarfile.open(tarball) as tf:
+        tf.extractall(root, filter="data")
+    out = root / "three"
+    for c in ("dress", "pants", "shoes"):
+        files = sorted((root / "clothing-small" / "train" / c).iterdir())
+        random.Random(0).shuffle(files)
+        for split, chosen in (("train", files[:50]), ("val", files[50:90])):
+            (out / split / c).mkdir(parents=True)
+            for f in chosen:
+                (out / split / c / f.name).symlink_to(f)
+    return out
+
+
+@pytest.mark.data
 @needs_weights
-def test_pretrained_weights_beat_random_ones_on_the_digits(tmp_path: Path) -> None:
-    """README: "Pretrained weights win by 85 points of validation accuracy" (head stage 86.1% vs
-    10.0%). Here: the head stage alone, on a smaller set."""
+def test_pretrained_weights_beat_random_ones_on_real_photos(clothing_pairs: Path, tmp_path: Path) -> None:
+    """README: pretrained weights beat random ones. Judged on photos with the default (solved) head stage:
+    on the digits, random convolutional features solved linearly score as well as ImageNet's (96.1% vs
+    93.1% in the demo), so the digits cannot show it."""
 
     def head_accuracy(weights: str) -> float:
         cfg = hs.RunConfig()
-        cfg.model.name, cfg.model.weights = "mobilenet_v2", weights
-        cfg.data.limit_train, cfg.data.limit_val = 300, 150
-        cfg.train.epochs, cfg.train.finetune_epochs, cfg.train.progress = 5, 0, False
+        cfg.model.name, cfg.model.weights, cfg.model.input_size = "mobilenet_v2", weights, 112
+        cfg.data.source = str(clothing_pairs)
+        cfg.train.finetune_epochs, cfg.train.progress = 0, False
         cfg.report = cfg.tensorboard = False
         cfg.output, cfg.name = str(tmp_path), weights
         return hs.train(cfg, say=lambda _: None).best_accuracy
 
     pretrained, random = head_accuracy("IMAGENET1K_V1"), head_accuracy("none")
-    # Measured 0.707 and 0.100 (random features leave the head guessing one class); chance is 0.1.
-    assert pretrained >= 0.55 and random <= 0.2 and pretrained - random >= 0.4, (pretrained, random)
+    print(f"dress/pants/shoes, 50 train photos each, solved head: pretrained {pretrained:.3f}, random {random:.3f}")
+    assert pretrained >= 0.85 and pretrained - random >= 0.15, (pretrained, random)
