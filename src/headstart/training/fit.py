@@ -32,7 +32,7 @@ from headstart.models.network import Network
 from headstart.runtime.device import pick_device, seed_everything, set_cpu_speed_flags
 from headstart.runtime.distributed import all_sum, init_from_env, local_device
 from headstart.runtime.distributed import world as current_world
-from headstart.training.inputs import StageInputs
+from headstart.training.inputs import BodyEngine, StageInputs
 from headstart.training.loop import (
     Diverged,
     EpochProgress,
@@ -90,6 +90,7 @@ class _Fit:
     writer: CheckpointWriter | None
     clock: MidEpochClock | None
     epochs_run: int = 0
+    body_engine: BodyEngine | None = None
 
 
 def fit(
@@ -100,6 +101,7 @@ def fit(
     *,
     resume: dict[str, Any] | None = None,
     say: Callable[[str], None] = print,
+    body_engine: BodyEngine | None = None,
 ) -> FitResult:
     """Train ``net`` on ``data`` through every stage of ``cfg.train``'s schedule.
 
@@ -107,8 +109,10 @@ def fit(
     accuracy, ``last.pt`` with the full training state) are written to the run folder. ``resume``
     is a ``last.pt`` checkpoint to continue from, mid-schedule. Raises
     :class:`~headstart.training.loop.Diverged` (a :class:`HeadstartError`) when training diverges.
+    ``body_engine`` runs the frozen body for the feature cache (see :class:`StageInputs`; None: PyTorch).
     """
     job = _start(net, data, cfg, run, resume, say)
+    job.body_engine = body_engine
     stages = resolve_stages(job.cfg.train, net)
     job.state.skip_finished_stage(stages)
     final: ClassReport | None = None
@@ -165,7 +169,7 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
     plan = describe_stage(job.net, stage, job.cfg)  # applies the stage: freezing, BatchNorm policy, aux heads
     for line in stage_lines(plan, si, n):
         job.say(line)
-    inputs = StageInputs(job.net, job.data, job.cfg, job.device, job.say)
+    inputs = StageInputs(job.net, job.data, job.cfg, job.device, job.say, job.body_engine)
     sr = _stage_run(job, si, stage, inputs)
     if state.partial:
         job.say(f"   continuing epoch {state.epoch + 1}/{stage.epochs} after its first "
