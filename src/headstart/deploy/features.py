@@ -27,9 +27,10 @@ from headstart.models import Network
 from .verify import TOLERANCES
 
 log = logging.getLogger(__name__)
-# Exporting, loading and verifying the ONNX body took 1-5 s here (MobileNetV2 at 224 px: 4-5 s),
-# and ONNX Runtime saved about 30 ms per 224 px image: ``cache.engine: auto`` uses it for at least
-# the pixels of 500 images at 224 px (about 15 s saved), never for a test's few tiny images.
+# Exporting, loading and verifying the ONNX body took 1-5 s here (MobileNetV2 at 224 px: 4-5 s);
+# ONNX Runtime then saved 8 ms per 128 px image (EfficientNet-Lite0: 6,000 images in 16 s instead
+# of 63 s, bench/cache_speedup.py), some 25 ms at 224 px. ``cache.engine: auto`` uses it for at
+# least the pixels of 500 images at 224 px (over 10 s saved), never for a test's few tiny images.
 AUTO_MIN_PIXELS = 500 * 224 * 224
 
 
