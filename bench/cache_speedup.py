@@ -7,7 +7,11 @@ epochs, validating after every epoch:
 * ``headstart``: ``headstart.jobs.train.prepare`` + ``headstart.training.fit.fit`` with ``cache.enabled=True``
   and a fresh, empty cache folder, so extracting the features is part of its time;
 * ``hand``: the seed's plain PyTorch loop: ImageFolder + DataLoader, the frozen body run forward
-  every epoch (eval mode, ``torch.no_grad()``), the head trained.
+  every epoch (eval mode, ``torch.no_grad()``), the head trained;
+* ``headstart_torch`` (with ``--contenders``): ``headstart`` with ``cache.engine=torch``, the
+  features extracted by PyTorch. ``headstart`` is the default ``cache.engine=auto``, which on this
+  CPU extracts them with ONNX Runtime (verified against PyTorch at the first batch), so
+  ``headstart_torch / headstart`` is that engine's end-to-end gain (``engine_speedup``).
 
 They share the initial head weights (copied from the same prepared network), the optimizer (AdamW,
 lr 1e-3, weight decay 0.01 on the weight, none on the bias, as headstart's parameter groups), the
@@ -22,6 +26,7 @@ Result: one JSON line with each contender's seconds (median over rounds), the sp
 
     python bench/cache_speedup.py            # full: 500+100 per class, 10 epochs, 1 round (A then B)
     python bench/cache_speedup.py --quick    # 50+20 per class, 2 epochs
+    python bench/cache_speedup.py --contenders headstart,headstart_torch --rounds 2   # the cache engine
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ def child_cpu() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def headstart_cfg(args: Any, subset: Path, cache_dir: Path) -> Any:
+def headstart_cfg(args: Any, subset: Path, cache_dir: Path, engine: str = "auto") -> Any:
     from headstart.config import RunConfig
 
     cfg = RunConfig()
@@ -59,20 +64,28 @@ def headstart_cfg(args: Any, subset: Path, cache_dir: Path) -> Any:
     cfg.train.seed = args.seed
     cfg.train.progress = False
     cfg.train.device = "cpu"
-    cfg.cache.enabled, cfg.cache.dir = True, str(cache_dir)
+    cfg.cache.enabled, cfg.cache.dir, cfg.cache.engine = True, str(cache_dir), engine
     cfg.report = cfg.tensorboard = False
     return cfg
 
 
 def run_headstart(net: Any, data: Any, cfg: Any) -> dict[str, Any]:
-    from headstart.training.fit import fit
+    from headstart.jobs.train import fit  # training.fit.fit with cfg.cache.engine's body engine
+
+    lines: list[str] = []
+
+    def say(m: str) -> None:
+        lines.append(m.strip())
+        if m.strip():
+            common.log("  hs: " + m.strip())
 
     cpu0, start = child_cpu(), time.perf_counter()
-    result = fit(net, data, cfg, None, say=lambda m: common.log("  hs: " + m.strip()) if m.strip() else None)
+    result = fit(net, data, cfg, None, say=say)
     seconds = time.perf_counter() - start
     hist = result.history
     return {
         "seconds": seconds,
+        "engine_note": next((x for x in lines if x.startswith("features extracted by")), "PyTorch (no note)"),
         "cpu_seconds": child_cpu() - cpu0,
         "final_val_acc": result.final.top1,
         "val_acc_per_epoch": [h["val_acc"] for h in hist],
@@ -152,6 +165,55 @@ def run_hand(body: Any, head: Any, subset: Path, pre: Any, args: Any) -> dict[st
             "val_acc_per_epoch": accs, "epoch_seconds": epoch_secs}
 
 
+def medians(runs: dict[str, list[dict[str, Any]]], key: str) -> dict[str, float]:
+    return {name: common.median([o[key] for o in rs]) for name, rs in runs.items() if rs and key in rs[0]}
+
+
+def summary(args: Any, runs: dict[str, list[dict[str, Any]]], n_train: int, n_val: int,
+            prep_s: float) -> dict[str, Any]:
+    """The result line: each contender's medians, and the ratios of the pairs that ran."""
+    secs, accs = medians(runs, "seconds"), medians(runs, "final_val_acc")
+    out: dict[str, Any] = {
+        "benchmark": BENCH, "quick": args.quick, "model": args.model, "input_size": args.size,
+        "train_images": n_train * 10, "val_images": n_val * 10, "epochs": args.epochs,
+        "batch_size": args.batch_size, "rounds": args.rounds, "contenders": list(runs),
+        "headstart_prepare_seconds": prep_s,
+    }
+    for name in runs:
+        out[f"{name}_seconds"], out[f"{name}_final_val_acc"] = secs[name], accs[name]
+        out[f"{name}_cpu_seconds"] = medians(runs, "cpu_seconds")[name]
+        out[f"{name}_val_acc_per_epoch"] = runs[name][-1]["val_acc_per_epoch"]
+        if name != "hand":
+            out[f"{name}_extraction_seconds"] = medians(runs, "extraction_seconds")[name]
+            out[f"{name}_engine"] = runs[name][-1]["engine_note"]
+    if "hand" in runs and "headstart" in runs:
+        speedup, diff = common.ratio(secs["hand"], secs["headstart"]), 100 * (accs["headstart"] - accs["hand"])
+        out |= {
+            "speedup": speedup,
+            "speedup_per_round": [common.ratio(b["seconds"], a["seconds"])
+                                  for a, b in zip(runs["headstart"], runs["hand"])],
+            "speedup_incl_headstart_prepare": common.ratio(secs["hand"], secs["headstart"] + prep_s),
+            "acc_diff_points": diff, "target_speedup": 8.0, "speedup_met": speedup >= 8.0,
+            "target_acc_diff_points": 0.5, "acc_diff_met": abs(diff) <= 0.5 + 1e-9,
+            "hand_epoch_seconds": runs["hand"][-1]["epoch_seconds"],
+            # 10 x the median hand epoch: less sensitive to a burst of contention than the sum.
+            "hand_seconds_from_median_epoch": args.epochs * common.median(runs["hand"][-1]["epoch_seconds"]),
+            "hand_workers": args.hand_workers,
+        }
+    if "headstart_torch" in runs and "headstart" in runs:
+        ext = medians(runs, "extraction_seconds")
+        out |= {
+            "engine_speedup": common.ratio(secs["headstart_torch"], secs["headstart"]),
+            "engine_speedup_per_round": [common.ratio(b["seconds"], a["seconds"])
+                                         for a, b in zip(runs["headstart"], runs["headstart_torch"])],
+            "engine_extraction_speedup": common.ratio(ext["headstart_torch"], ext["headstart"]),
+            "engine_acc_diff_points": 100 * (accs["headstart"] - accs["headstart_torch"]),
+        }
+    out["contention_probe_ms"] = {k: [o["probe_ms"] for o in v] for k, v in runs.items()}
+    out["machine"] = common.machine_info()
+    return out
+
+
 def main() -> None:
     p = common.base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tf_efficientnet_lite0")
@@ -159,9 +221,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="default 10 (2 with --quick)")
     p.add_argument("--batch-size", type=int, default=64, help="headstart's default")
     p.add_argument("--lr", type=float, default=1e-3, help="headstart's default head lr")
-    p.add_argument("--rounds", type=int, default=1, help="A B rounds (A B A B ...); medians are reported")
+    p.add_argument("--rounds", type=int, default=1, help="rounds, the order rotating (A B, B A, ...); medians reported")
     p.add_argument("--per-class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
                    help="images per class (default 500 100; 50 20 with --quick)")
+    p.add_argument("--contenders", default="headstart,hand",
+                   help="comma-separated: headstart (cache.engine auto), headstart_torch, hand")
     p.add_argument("--hand-workers", type=int, default=None,
                    help="DataLoader workers of the hand loop (default: what headstart picks for files)")
     args = p.parse_args()
@@ -176,9 +240,11 @@ def main() -> None:
     if args.hand_workers is None:
         args.hand_workers = max(0, min(4, usable_cpus() - 1))  # headstart's default_workers for files
 
-    runs: dict[str, list[dict[str, Any]]] = {"headstart": [], "hand": []}
+    contenders = args.contenders.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
     prepare_secs = []
-    for r, order in enumerate(common.alternate(args.rounds, ["headstart", "hand"])):
+    for r in range(args.rounds):
+        order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]  # A B, then B A, ...
         cache_dir = common.fresh_dir(Path(args.work_dir) / f"cache-speedup-{os.getpid()}-{r}")
         cfg = headstart_cfg(args, subset, cache_dir)
         t0 = time.perf_counter()
@@ -188,10 +254,12 @@ def main() -> None:
         for name in order:
             common.log(f"round {r + 1}/{args.rounds}: {name}")
             probe = common.tiny_op_ms(20)
-            if name == "headstart":
-                out = run_headstart(net, data, cfg)
-            else:
+            if name == "hand":
                 out = run_hand(body, head, subset, net.preprocessing, args)
+            else:  # every headstart contender: the same untrained network, its own empty cache folder
+                engine = "torch" if name == "headstart_torch" else "auto"
+                mine = headstart_cfg(args, subset, common.fresh_dir(cache_dir / name), engine)
+                out = run_headstart(copy.deepcopy(net), data, mine)
             out["probe_ms"] = max(probe, common.tiny_op_ms(20))
             common.log(f"round {r + 1}: {name} {out['seconds']:.1f}s, final val acc {out['final_val_acc']:.4f} "
                        f"(contention probe {out['probe_ms']:.1f} ms)")
@@ -199,51 +267,9 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(cache_dir, ignore_errors=True)
-
-    hs_s = common.median([o["seconds"] for o in runs["headstart"]])
-    hand_s = common.median([o["seconds"] for o in runs["hand"]])
-    prep_s = common.median(prepare_secs)
-    hs_acc = common.median([o["final_val_acc"] for o in runs["headstart"]])
-    hand_acc = common.median([o["final_val_acc"] for o in runs["hand"]])
-    per_round = [common.ratio(b["seconds"], a["seconds"]) for a, b in zip(runs["headstart"], runs["hand"])]
-    speedup = common.ratio(hand_s, hs_s)
-    diff_points = 100 * (hs_acc - hand_acc)
-    common.emit(common.round_floats({
-        "benchmark": BENCH,
-        "quick": args.quick,
-        "model": args.model,
-        "input_size": args.size,
-        "train_images": n_train * 10,
-        "val_images": n_val * 10,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "rounds": args.rounds,
-        "headstart_seconds": hs_s,
-        "hand_seconds": hand_s,
-        "speedup": speedup,
-        "speedup_per_round": per_round,
-        "speedup_incl_headstart_prepare": common.ratio(hand_s, hs_s + prep_s),
-        "headstart_prepare_seconds": prep_s,
-        "headstart_extraction_seconds": common.median([o["extraction_seconds"] for o in runs["headstart"]]),
-        "headstart_cpu_seconds": common.median([o["cpu_seconds"] for o in runs["headstart"]]),
-        "hand_cpu_seconds": common.median([o["cpu_seconds"] for o in runs["hand"]]),
-        "headstart_final_val_acc": hs_acc,
-        "hand_final_val_acc": hand_acc,
-        "acc_diff_points": diff_points,
-        "target_speedup": 8.0,
-        "speedup_met": speedup >= 8.0,
-        "target_acc_diff_points": 0.5,
-        "acc_diff_met": abs(diff_points) <= 0.5 + 1e-9,
-        "headstart_val_acc_per_epoch": runs["headstart"][-1]["val_acc_per_epoch"],
-        "hand_val_acc_per_epoch": runs["hand"][-1]["val_acc_per_epoch"],
-        "hand_epoch_seconds": runs["hand"][-1]["epoch_seconds"],
-        # 10 x the median hand epoch: less sensitive to a burst of contention than the sum.
-        "hand_seconds_from_median_epoch": args.epochs * common.median(runs["hand"][-1]["epoch_seconds"]),
-        "contention_probe_ms": {k: [o["probe_ms"] for o in v] for k, v in runs.items()},
-        "hand_workers": args.hand_workers,
-        "machine": common.machine_info(),
-    }))
-    if not math.isfinite(speedup):
+    result = summary(args, runs, n_train, n_val, common.median(prepare_secs))
+    common.emit(common.round_floats(result))
+    if not math.isfinite(result.get("speedup", result.get("engine_speedup", 1.0))):
         sys.exit(1)
 
 

@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
+# ../shared/data beside the checkout; from a git worktree one level further down (wt/NAME), ../../shared/data.
+DEFAULT_DATA_DIR = next((d for d in (REPO.parent / "shared" / "data", REPO.parents[1] / "shared" / "data")
+                         if d.is_dir()), REPO.parent / "shared" / "data")
 DEFAULT_WORK_DIR = Path(os.environ.get("HEADSTART_BENCH_DIR", "/tmp/headstart-bench"))
 CIFAR_TARBALL = "cifar10-train.tar.gz"
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

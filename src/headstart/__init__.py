@@ -39,7 +39,7 @@ _EXPORTS = {
     "evaluate": "headstart.evaluation.inference",
     "Interpretation": "headstart.evaluation.interpret",
     "interpret": "headstart.evaluation.interpret",
-    "fit": "headstart.training.fit",
+    "fit": "headstart.jobs.train",
     "lr_find": "headstart.training.lr_find",
     "write_report": "headstart.report",
     "group_table": "headstart.jobs.describe",
@@ -85,11 +85,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from headstart.jobs.describe import group_table, inspect_model  # noqa: F401
     from headstart.jobs.evaluate import evaluate_checkpoint  # noqa: F401
     from headstart.jobs.predict import predict  # noqa: F401
-    from headstart.jobs.train import prepare, train  # noqa: F401
+    from headstart.jobs.train import fit, prepare, train  # noqa: F401
     from headstart.models.backbones import build_network, list_backbones  # noqa: F401
     from headstart.models.checkpoint import load_network  # noqa: F401
     from headstart.models.freeze import count_params, freeze, trainable_state, unfreeze_last  # noqa: F401
     from headstart.models.network import Network  # noqa: F401
     from headstart.report import write_report  # noqa: F401
-    from headstart.training.fit import fit  # noqa: F401
     from headstart.training.lr_find import lr_find  # noqa: F401

@@ -221,6 +221,13 @@ class CacheConfig:
                            help="while only the last depth groups train, cache the frozen first part's output")
     # Early feature maps of big images take a lot of space; above this the stage runs the whole network.
     max_gb: float = setting(8.0, flag="--cache-max-gb", at_least=0, help="largest cache built for a stage (GB)")
+    # ONNX Runtime ran MobileNetV2's frozen body 2.7x faster than torch eager end to end on a
+    # 2-core CPU (bench/infer.py --body); its features are checked against PyTorch's first.
+    engine: str = setting("auto", flag="--cache-engine", choices=("auto", "torch", "onnx"), on_resume=True,
+                          help="what runs the frozen body for the cache: auto (ONNX Runtime, verified against "
+                               "PyTorch on the first batch, on the CPU at fp32 when it is installed, the whole "
+                               "body is cached and there are 500+ images' worth at 224 px), torch, or onnx "
+                               "(try it wherever the whole body is cached)")
 
 
 @dataclass

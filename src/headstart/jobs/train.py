@@ -31,8 +31,9 @@ from headstart.models.backbones import build_network
 from headstart.models.freeze import count_params
 from headstart.models.network import Network
 from headstart.runtime.device import pick_device, seed_everything
+from headstart.training import fit as fitting
 from headstart.training.budget import parse_duration
-from headstart.training.fit import FitResult, fit
+from headstart.training.fit import FitResult
 from headstart.training.optim import resolve_stages, stage_rows
 from headstart.training.runs import RunDir
 
@@ -79,6 +80,18 @@ def _training_data(cfg: RunConfig, net: Network) -> Any:
     if batched:
         enable_batch_transforms(data, device)
     return data
+
+
+def fit(net: Network, data: Any, cfg: RunConfig, run: RunDir | None = None, *,
+        resume: dict[str, Any] | None = None, say: Callable[[str], None] = print) -> FitResult:
+    """:func:`headstart.training.fit.fit` with the feature cache's engine that ``cfg.cache.engine`` names.
+
+    The training layer cannot import ONNX Runtime's code (it sits in ``deploy``, above it), so the
+    job hands it down; ``training.fit.fit`` itself runs the frozen body in PyTorch.
+    """
+    from headstart.deploy.features import body_engine
+
+    return fitting.fit(net, data, cfg, run, resume=resume, say=say, body_engine=body_engine(cfg.cache.engine))
 
 
 def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[str], None] = print,

@@ -240,12 +240,14 @@ def view_transform(net: Network, kind: str, view: int, policy: str = "none") -> 
 
 def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_seed: int,
              precision_dtype: Any = None, policy: str = "none", data_fp: str | None = None,
-             part: str = "body") -> str:
+             part: str = "body", engine: str = "torch") -> str:
     """The cache key of ``ds``'s features through a body (``body_fp``; view > 0: augmented).
 
     ``data_fp`` is ``dataset_fingerprint(ds)`` when the caller already has it (hashing CIFAR's
     arrays or every file of a big folder is not free). ``part`` is ``body`` or
     ``prefix:K`` (the first K steps of the body's chain, whose weights ``body_fp`` then hashes).
+    ``engine``: what was asked to run the body (``onnx``: ONNX Runtime, verified at the first batch); its
+    features equal PyTorch's only within a tolerance, so they are kept apart (PyTorch's keys are unchanged).
     """
     parts = {
         "body": body_fp,
@@ -261,7 +263,7 @@ def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_
         "batched": getattr(ds, "batch_device", None) is not None and kind == "photo"
         and (view == 0 or policy == "none"),
         "format": 1,
-    }
+    } | ({"engine": engine} if engine != "torch" else {})
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -318,14 +320,16 @@ def _open_output(tmp: Path, out: Path, shape: tuple[int, ...]) -> np.memmap:
 
 
 def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int, seed: int, root: Path,
-                    batch_size: int, device: torch.device, progress: bool, desc: str,
-                    precision: Any = None, policy: str = "none", data_fp: str | None = None,
-                    run: Callable[[torch.Tensor], torch.Tensor] | None = None, part: str = "body") -> FeatureDataset:
+                    batch_size: int, device: torch.device, progress: bool, desc: str, precision: Any = None,
+                    policy: str = "none", data_fp: str | None = None, part: str = "body", engine: str = "torch",
+                    run: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FeatureDataset:
     """The features of ``ds`` for ``view``, computed now unless a complete cache entry exists.
 
-    ``run`` and ``part`` cache a prefix of the body instead (see :meth:`Network.frozen_prefix`).
+    ``run`` and ``part`` cache a prefix of the body instead (see :meth:`Network.frozen_prefix`);
+    ``run`` and ``engine`` (``onnx``) run the whole body another way; the entry records ``run.engine``.
     """
-    key = make_key(net, body_fp, ds, kind, view, seed, getattr(precision, "dtype", None), policy, data_fp, part)
+    dtype = getattr(precision, "dtype", None)
+    key = make_key(net, body_fp, ds, kind, view, seed, dtype, policy, data_fp, part, engine)
     cache = FeatureCache(root, key)
     if cache.complete(view) and (why := cache.damage(view, len(ds))) is not None:
         log.warning("feature cache entry %s is damaged (%s): rebuilding it", cache.folder, why)
@@ -342,7 +346,7 @@ def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int
         finally:
             ds.transform = saved
         meta = {"images": len(ds), "model": net.name, "part": part, "view": view,
-                "seconds": time.perf_counter() - start,
+                "engine": getattr(run, "engine", "torch"), "seconds": time.perf_counter() - start,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S"), "source": desc}
         write_atomically(cache.meta_file(view), lambda f: f.write(json.dumps(meta).encode()))
     return FeatureDataset(cache.file(view), list(ds.targets))

@@ -37,7 +37,7 @@ from headstart.training import budget
 from headstart.training.budget import PATIENCE, PLANNED, Deadline, make_plan, parse_duration, planned_stage
 from headstart.training.console import epoch_line, stage_lines
 from headstart.training.head_solver import solvable_final, solve_head
-from headstart.training.inputs import StageInputs
+from headstart.training.inputs import BodyEngine, StageInputs
 from headstart.training.loop import (
     Diverged,
     EpochProgress,
@@ -98,6 +98,7 @@ class _Fit:
     clock: MidEpochClock | None
     epochs_run: int = 0
     deadline: Deadline | None = None  # --budget
+    body_engine: BodyEngine | None = None
 
 
 def fit(
@@ -108,6 +109,7 @@ def fit(
     *,
     resume: dict[str, Any] | None = None,
     say: Callable[[str], None] = print,
+    body_engine: BodyEngine | None = None,
 ) -> FitResult:
     """Train ``net`` on ``data`` through every stage of ``cfg.train``'s schedule.
 
@@ -115,8 +117,10 @@ def fit(
     accuracy, ``last.pt`` with the full training state) are written to the run folder. ``resume``
     is a ``last.pt`` checkpoint to continue from, mid-schedule. Raises
     :class:`~headstart.training.loop.Diverged` (a :class:`HeadstartError`) when training diverges.
+    ``body_engine`` runs the frozen body for the feature cache (see :class:`StageInputs`; None: PyTorch).
     """
     job = _start(net, data, cfg, run, resume, say)
+    job.body_engine = body_engine
     stages = resolve_stages(job.cfg.train, net)
     plans = job.deadline is not None and budget_plans(job.cfg)
     if plans and job.state.plan is not None:  # resumed: the plan chosen before the stop
@@ -195,7 +199,7 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
     plan = describe_stage(job.net, stage, job.cfg)  # applies the stage: freezing, BatchNorm policy, aux heads
     for line in stage_lines(plan, si, n):
         job.say(line)
-    inputs = StageInputs(job.net, job.data, job.cfg, job.device, job.say)
+    inputs = StageInputs(job.net, job.data, job.cfg, job.device, job.say, job.body_engine)
     sr = _stage_run(job, si, stage, inputs)
     if state.partial:
         job.say(f"   continuing epoch {state.epoch + 1}/{stage.epochs} after its first "

@@ -29,6 +29,11 @@ from headstart.runtime.precision import resolve_precision
 from headstart.training.cache import body_fingerprint, cache_root, cacheable_part, cached_features, dataset_fingerprint
 
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
+# (network, device, autocast dtype or None, images to extract) -> what runs the whole frozen body for
+# the cache instead of ``net.features``, or None (PyTorch). Its ``name`` keys the cache entries, its
+# ``engine`` and ``reason`` say what ran. ``headstart.deploy.features.body_engine`` makes one from
+# ``cache.engine`` (ONNX Runtime, verified against PyTorch at the first batch).
+BodyEngine = Callable[[Network, torch.device, Any, int], Any]
 
 
 class StageInputs:
@@ -39,10 +44,11 @@ class StageInputs:
     (``part = "body"``). While only the last depth groups train, the frozen first part of the
     body's step chain is cached the same way and the stage runs the rest of the body and the head
     on its stored output (``part = "prefix:K"``, K steps). Otherwise images go through everything.
+    ``body_engine`` may run the whole body's extraction another way (see :data:`BodyEngine`).
     """
 
     def __init__(self, net: Network, data: DataBundle, cfg: RunConfig, device: torch.device,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], body_engine: BodyEngine | None = None) -> None:
         self.net, self.data, self.cfg, self.device = net, data, cfg, device
         tc = cfg.train
         self.precision = resolve_precision(tc.precision, device)
@@ -56,6 +62,10 @@ class StageInputs:
         self.body_fp = ""
         self.setup_seconds = 0.0  # feature extraction, counted in the stage's time
         self.data_fps: dict[int, str] = {}
+        self.runner = None  # what runs the whole body for the cache, when not net.features
+        if self.cached and self.part == "body" and body_engine is not None:
+            self.runner = body_engine(net, device, self.precision.dtype, len(data.train) + len(data.val))
+        self.engine = "torch" if self.runner is None else getattr(self.runner, "name", "custom")
         if self.cached:
             self.body_fp = body_fingerprint(net) if self.part == "body" else net.prefix_fingerprint(self.cut)
             self.root = cache_root(cfg.cache.dir)
@@ -67,6 +77,8 @@ class StageInputs:
                     f"the frozen first {self.cut} of {len(net.chain or [])} body steps (up to "
                     f"{self._cut_name()}) run once, not every epoch")
             say(f"   features cached in {self.setup_seconds:.1f}s: {what} ({self.root})")
+            if getattr(self.runner, "engine", "pending") != "pending":  # it extracted something
+                say(f"   features extracted by {getattr(self.runner, 'reason', self.engine)}")
             self.workers: int | None = 0
         else:
             self.val, self.workers = data.val, cfg.data.workers
@@ -119,7 +131,7 @@ class StageInputs:
                                desc=f"{what} {split}" + (f" view {view}" if split == "train" else ""),
                                precision=self.precision, policy=self.cfg.data.auto_augment,
                                data_fp=self.data_fps[id(ds)], part=self.part or "body",
-                               run=self._prefix if self.part != "body" else None)
+                               run=self._prefix if self.part != "body" else self.runner, engine=self.engine)
 
     def train_view(self, epoch: int) -> Any:
         """The training set of ``epoch``: the images, or the cached view the epoch cycles to."""
