@@ -238,11 +238,28 @@ def test_int8_measures_static_and_dynamic_and_keeps_one(tmp_path, data):
     assert meta["precision"] == "int8" and meta["model_file"] == "model.int8.onnx"
     assert {c["method"] for c in q["candidates"]} == {"static", "dynamic"}
     assert q["method"] in ("static", "dynamic") and q["calibration_images"] == 15
+    assert q["calibration"] == "percentile"  # the default: ranges from histograms, one batch at a time
     chosen = next(c for c in q["candidates"] if c["method"] == q["method"])
     assert chosen["top1"] is not None and chosen["speedup"] > 0
     assert meta["verification"]["format"] == "onnx-int8" and meta["verification"]["top1_agreement"] >= 0.9
     assert "## int8" in (out / "README.md").read_text()
     assert open_predictor(out).logits(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 3)
+
+
+def test_int8_calibration_is_a_flag_recorded_in_the_export(tmp_path, data):
+    import argparse
+
+    run, _ = make_run(tmp_path, data, "mobilenet_v2", decisive=True)
+    parser = argparse.ArgumentParser()
+    add_export_parser(parser.add_subparsers(dest="command"))
+    run_export(parser.parse_args(["export", str(run), "--format", "onnx", "--int8", "--int8-calibration", "minmax",
+                                  "--calibration-images", "8"]))
+    meta = json.loads((run / "export-onnx-int8" / "config.json").read_text())
+    assert meta["int8"]["calibration"] == "minmax" and meta["int8"]["calibration_images"] == 8
+    assert "(minmax activation ranges)" in (run / "export-onnx-int8" / "README.md").read_text()
+    with pytest.raises(HeadstartError, match="unknown int8 calibration 'kl'.*percentile, minmax, entropy"):
+        export_model(run, "onnx", tmp_path / "other", int8=True, calibration="kl", say=lambda _: None)
+    assert not (tmp_path / "other").exists()
 
 
 # ------------------------------------------------------------------ predictors

@@ -114,7 +114,8 @@ def _int8(meta: dict[str, Any]) -> str:
         rows.append(f"| {c['method']} | {c['speedup']:.2f}x | {acc} | {change} | {chosen} |")
     return "\n".join([
         "## int8", "",
-        f"Quantised with ONNX Runtime; static quantisation calibrated on {q['calibration_images']} training images, "
+        f"Quantised with ONNX Runtime; static quantisation calibrated on {q['calibration_images']} training images "
+        f"({q.get('calibration', 'minmax')} activation ranges), "
         f"dynamic without calibration. Both were measured on {q['measured_on']} (top-1 against "
         f"{q['top1_basis']}), and the fastest one within 1 point of fp32's top-1 was kept:", "", *rows,
     ])

@@ -52,11 +52,12 @@ class Converted:
 
 def export_model(source: str | Path, fmt: str, out: str | Path | None = None, *, int8: bool = False,
                  check_images: str | Path | None = None, check_limit: int = 1000, calibration_images: int = 256,
-                 exporter: str = "auto", say: Callable[[str], None] = print) -> Path:
+                 calibration: str = "percentile", exporter: str = "auto", say: Callable[[str], None] = print) -> Path:
     """Write a verified export of ``source`` (run folder or ``.pt``) in ``fmt``; returns the folder.
 
     ``int8`` (ONNX only) quantises with ONNX Runtime, static (calibrated on ``calibration_images``
-    training images) or dynamic, whichever measures better (:mod:`headstart.deploy.quantize`).
+    training images, activation ranges by ``calibration``: percentile, minmax or entropy) or
+    dynamic, whichever measures better (:mod:`headstart.deploy.quantize`).
     Verification images are the run's validation split, at most ``check_limit`` of them evenly
     spread, or every image under ``check_images``. Raises :class:`HeadstartError` (and writes
     nothing) when verification fails.
@@ -67,6 +68,10 @@ def export_model(source: str | Path, fmt: str, out: str | Path | None = None, *,
         raise HeadstartError(f"unknown export format {fmt!r}: use {', '.join(FORMATS)}")
     if int8 and fmt != "onnx":
         raise HeadstartError("--int8 quantises with ONNX Runtime: use it with --format onnx")
+    from .quantize import CALIBRATIONS
+
+    if calibration not in CALIBRATIONS:
+        raise HeadstartError(f"unknown int8 calibration {calibration!r}: use {', '.join(CALIBRATIONS)}")
     ckpt_path = checkpoint_file(Path(source).expanduser())
     ckpt = read_checkpoint(ckpt_path)
     net, _ = load_network(ckpt)
@@ -78,7 +83,7 @@ def export_model(source: str | Path, fmt: str, out: str | Path | None = None, *,
     v = verify.check(verify.compare(reference, result.logits, fmt=fmt, inputs=checks.inputs), MODEL_FILES[fmt])
     say(v.summary())
     if int8:
-        result, v = _int8(result, ckpt, reference, checks, calibration_images, say)
+        result, v = _int8(result, ckpt, reference, checks, (calibration_images, calibration), say)
     meta = _config(ckpt, ckpt_path, fmt, result, v)
     evaluation = _evaluation(reference, result.logits, checks, meta["classes"])
     run_dir = ckpt_path.parent if (ckpt_path.parent / "summary.json").is_file() else None
@@ -141,14 +146,19 @@ def _head_only(data: bytes, classifier: str) -> bytes:
 
 
 def _int8(fp32: Converted, ckpt: dict[str, Any], reference: list[np.ndarray], checks: Samples,
-          calibration_images: int, say: Callable[[str], None]) -> tuple[Converted, verify.Verification]:
-    """Quantise the verified fp32 ONNX model, measure static and dynamic, keep the better one."""
+          calibrate: tuple[int, str], say: Callable[[str], None]) -> tuple[Converted, verify.Verification]:
+    """Quantise the verified fp32 ONNX model, measure static and dynamic, keep the better one.
+
+    ``calibrate``: how many training images set static int8's ranges, and by which method.
+    """
     from .quantize import quantize_best
 
-    calibration = training_samples(ckpt, limit=calibration_images)
-    say(f"int8: calibrating on {calibration.count} training images, measuring on {checks.count} ({checks.inputs})")
+    count, method = calibrate
+    calibration = training_samples(ckpt, limit=count)
+    say(f"int8: calibrating ({method} ranges) on {calibration.count} training images, measuring on "
+        f"{checks.count} ({checks.inputs})")
     chosen, found = quantize_best(fp32.files["model.onnx"], fp32.logits, checks.batches, checks.targets,
-                                  calibration.batches)
+                                  calibration.batches, calibration_method=method)
     for c in found:
         acc = "top-1 not measured" if c.top1 is None else f"top-1 {c.top1:.2%} ({c.top1_change * 100:+.1f} points)"
         say(f"int8 {c.method}: {c.speedup:.2f}x fp32 speed, {acc}")
@@ -158,6 +168,7 @@ def _int8(fp32: Converted, ckpt: dict[str, Any], reference: list[np.ndarray], ch
     v = verify.check(verify.compare(reference, logits, fmt="onnx-int8", inputs=checks.inputs), "model.int8.onnx")
     conf = dict(fp32.config) | {"model_file": "model.int8.onnx", "precision": "int8",
                                 "int8": {"method": chosen.method, "calibration_images": calibration.count,
+                                         "calibration": method,
                                          "measured_on": checks.inputs, "top1_basis": checks.top1_basis,
                                          "candidates": [c.to_dict() for c in found]}}
     return Converted({"model.int8.onnx": chosen.data}, conf, logits), v
