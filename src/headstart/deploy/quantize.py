@@ -31,7 +31,7 @@ from .convert import INPUT_NAME
 MAX_DROP = 0.01
 # How static quantisation sets each activation's range from the calibration images (ONNX Runtime's
 # CalibrationMethod). Measured on clothing-small (bench/int8_options.py, 256 calibration images;
-# bench/README.md, section 9): with min-max ranges EfficientNet-Lite0's top-1 changed by -1.2 to
+# bench/README.md, section 10): with min-max ranges EfficientNet-Lite0's top-1 changed by -1.2 to
 # -1.8 points and 88.9% of its answers stayed fp32's; with the 99.99th percentile of each
 # activation's magnitudes (rare outliers no longer stretch the scale) +0.9 points and 89.7% (93.6%
 # on 1,000 unseen training photos), MobileNetV2 0.0 points and 96.2%; entropy did no better than min-max.
