@@ -43,6 +43,17 @@ def shared_data() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def unpack_shared(tmp_path_factory, name: str) -> Path:
+    """Unpack ``../shared/data/<name>`` into a fresh temporary folder (the test skips when it is absent)."""
+    tarball = shared_data() / name
+    if not tarball.is_file():
+        pytest.skip(f"{tarball} not found")
+    root = tmp_path_factory.mktemp(name.split(".")[0])
+    with tarfile.open(tarball) as tar:
+        tar.extractall(root, filter="data")
+    return root
+
+
 @pytest.fixture(scope="session")
 def imagenet_samples(tmp_path_factory) -> tuple[Path, list[tuple[str, int]]]:
     """Every other one of the 1,000 sample images, unpacked once: (folder, [(file, class_index)]).
@@ -50,13 +61,7 @@ def imagenet_samples(tmp_path_factory) -> tuple[Path, list[tuple[str, int]]]:
     500 images halve the run time (the CPU forward passes dominate) and still separate a right
     preprocessing from a wrong one: see the bounds in test_weights_store.py and test_pretrained.py.
     """
-    tarball = shared_data() / "imagenet-samples.tar.gz"
-    if not tarball.is_file():
-        pytest.skip(f"{tarball} not found")
-    root = tmp_path_factory.mktemp("imagenet")
-    with tarfile.open(tarball) as tar:
-        tar.extractall(root, filter="data")
-    folder = root / "imagenet-samples"
+    folder = unpack_shared(tmp_path_factory, "imagenet-samples.tar.gz") / "imagenet-samples"
     with open(folder / "labels.csv", newline="") as f:
         rows = [(r["file"], int(r["class_index"])) for r in csv.DictReader(f)]
     return folder, rows[::2]

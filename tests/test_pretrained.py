@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import headstart as hs
-from conftest import shared_data
+from conftest import unpack_shared
 from headstart.models import checkpoint
 from headstart.models.weights import packaged_file
 
@@ -55,14 +55,8 @@ def test_imagenet_weights_score_far_above_chance_in_predict_and_eval(imagenet_sa
 def clothing_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three classes of clothing-small's real photos, 50 train and 40 validation images each (symlinks)."""
     import random
-    import tarfile
 
-    tarball = shared_data() / "clothing-small.tar.gz"
-    if not tarball.is_file():
-        pytest.skip(f"{tarball} not found")
-    root = tmp_path_factory.mktemp("clothing")
-    with tarfile.open(tarball) as tf:
-        tf.extractall(root, filter="data")
+    root = unpack_shared(tmp_path_factory, "clothing-small.tar.gz")
     out = root / "three"
     for c in ("dress", "pants", "shoes"):
         files = sorted((root / "clothing-small" / "train" / c).iterdir())

@@ -133,17 +133,23 @@ def candidate_groups(n: int) -> list[int]:
 
 def measure_plans(net: Network, data: DataBundle, cfg: RunConfig, device: torch.device) -> list[Candidate]:
     """Time every candidate plan on a copy of ``net`` (a few real steps each) and estimate its costs."""
+    start = now()
     x, y = next(iter(make_loader(data.train, batch_size=cfg.data.batch_size, shuffle=True, workers=0,
                                  seed=cfg.train.seed)))
+    per_load = (now() - start) / len(x)  # decoding and transforming an image: paid wherever images are read
     x, y = x.to(device), y.to(device)
     n = len(net.groups)
     views = (cfg.cache.views if cfg.data.augment else 1) if cfg.cache.enabled else 0
+    images = len(data.train) * max(1, views) + len(data.val)  # what a prefix cache extracts once
     candidates = []
     for k in candidate_groups(n):
         per_prefix, per_step, per_val = _time_plan(net, cfg, k, x, y)
         batches = max(1, len(data.train) // cfg.data.batch_size)
-        extract = per_prefix * (len(data.train) * max(1, views) + len(data.val)) if per_prefix else 0.0
-        candidates.append(Candidate(k, n, extract, batches * per_step + len(data.val) * per_val))
+        epoch = batches * per_step + len(data.val) * per_val
+        if per_prefix:
+            candidates.append(Candidate(k, n, (per_prefix + per_load) * images, epoch))
+        else:  # the images are read, decoded and transformed every epoch
+            candidates.append(Candidate(k, n, 0.0, epoch + per_load * (len(data.train) + len(data.val))))
     return candidates
 
 

@@ -130,7 +130,7 @@ def fit(
     for si, stage in enumerate(stages):  # a --budget plan appends its stage while this runs
         if si < job.state.stage:
             continue
-        final = _train_stage(job, si, stage, len(stages)) or final
+        final = _train_stage(job, si, stage, len(stages) + int(plans and job.state.plan is None)) or final
         job.state.next_stage(si)
         if plans and job.state.plan is None and si == len(stages) - 1:
             stages += [s for s in [_plan(job)] if s is not None]
