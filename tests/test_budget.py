@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from headstart.config import RunConfig, apply_overrides
 from headstart.errors import HeadstartError
@@ -115,10 +116,44 @@ def test_plans_are_timed_for_real_on_a_copy_that_leaves_the_network_alone(tmp_pa
     cfg = apply_overrides(RunConfig(), base)
     net, data = prepare(cfg)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    import torch
-
     candidates = budget.measure_plans(net, data, cfg, torch.device("cpu"))
     assert [c.groups for c in candidates] == [1, 2, 3, 5]
     assert all(c.epoch_s > 0 for c in candidates)
     assert all(c.extract_s > 0 for c in candidates[:-1]) and candidates[-1].extract_s == 0  # the whole network: none
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_a_resumed_budget_run_keeps_its_plan(tmp_path, monkeypatch):
+    """Stopped in the planned stage, the run resumes into the same stage: the planner does not run again."""
+    import headstart as hs
+
+    clock = FakeClock()
+    monkeypatch.setattr(budget, "now", clock)
+    monkeypatch.setattr(budget, "_time_plan", lambda net, cfg, k, x, y: (0.01, 5.0, 0.0))
+    real_epoch, seen = fit_module._run_epoch, []
+
+    def epoch_then_stop(job, sr, inputs, epoch):
+        clock.t += 20.0
+        if sr.stage.name == "finetune":
+            seen.append(epoch)
+            if len(seen) == 2:
+                raise KeyboardInterrupt  # a kill during the second fine-tuning epoch
+        return real_epoch(job, sr, inputs, epoch)
+
+    monkeypatch.setattr(fit_module, "_run_epoch", epoch_then_stop)
+    base = {"model.name": "resnet18", "model.weights": "none", "model.input_size": 32, "data.source": "digits",
+            "data.limit_train": 128, "data.limit_val": 32, "data.batch_size": 32, "train.progress": False,
+            "train.device": "cpu", "cache.dir": str(tmp_path / "cache"), "train.budget": "15m",
+            "output": str(tmp_path / "runs"), "name": "r", "report": False, "tensorboard": False}
+    cfg = apply_overrides(RunConfig(), base)
+    with pytest.raises(KeyboardInterrupt):
+        hs.train(cfg, say=lambda _: None)
+    saved = torch.load(tmp_path / "runs" / "r" / "last.pt", map_location="cpu", weights_only=True)
+    plan = saved["train_state"]["plan"]
+    assert plan is not None and plan["chosen"] is not None
+    monkeypatch.setattr(budget, "measure_plans", lambda *a, **k: pytest.fail("the plan was measured again"))
+    lines: list[str] = []
+    result = hs.train(cfg, resume=tmp_path / "runs" / "r", say=lines.append)
+    assert result.plan == plan
+    assert seen[2:] and seen[2] == 1  # it went on with the planned stage's second epoch
+    assert [r["stage"] for r in result.history][:2] == ["head", "finetune"]

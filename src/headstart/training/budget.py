@@ -206,3 +206,10 @@ class Deadline:
 
     def fits(self, epoch_s: float) -> bool:
         return self.left() >= epoch_s
+
+    def why_stop(self, epoch_s: float) -> str | None:
+        """The console's line when one more epoch of ``epoch_s`` seconds would not fit (0: not known yet)."""
+        if not epoch_s or self.fits(epoch_s):
+            return None
+        return (f"   budget: {max(0.0, self.left()) / 60:.1f} min left and an epoch takes {epoch_s / 60:.1f} min: "
+                "the stage ends here")

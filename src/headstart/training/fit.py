@@ -204,15 +204,15 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
     if state.partial:
         job.say(f"   continuing epoch {state.epoch + 1}/{stage.epochs} after its first "
                 f"{state.partial['batches']} batches")
-    final, took = None, 0.0
+    # An epoch's time, for the deadline: a resumed stage starts from its last epoch's (training pass only).
+    took = next((r["seconds"] for r in reversed(state.history) if r.get("stage") == stage.name), 0.0)
+    final: ClassReport | None = None
     for epoch in range(state.epoch, stage_rows(stage)):
-        if job.deadline is not None and took and not job.deadline.fits(took):
-            job.say(f"   budget: {max(0.0, job.deadline.left()) / 60:.1f} min left and an epoch takes "
-                    f"{took / 60:.1f} min: the stage ends here")
+        if job.deadline is not None and (why := job.deadline.why_stop(took)):
+            job.say(why)
             break
         began = budget.now()
-        # A solving stage's last row is the solve, after its epochs (if any).
-        run_row = _solve_epoch if epoch == stage.epochs else _run_epoch
+        run_row = _solve_epoch if epoch == stage.epochs else _run_epoch  # a solving stage ends with its solve
         row, final = run_row(job, sr, inputs, epoch)
         _end_epoch(job, sr, epoch, row)
         took = budget.now() - began
