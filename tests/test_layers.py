@@ -17,8 +17,8 @@ TESTS = Path(__file__).resolve().parent
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    ("foundations", ["headstart.errors", "headstart.files", "headstart.progress", "headstart.config",
-                     "headstart.version"]),
+    ("foundations", ["headstart.errors", "headstart.files", "headstart.progress", "headstart.fields",
+                     "headstart.config", "headstart.version"]),
     ("runtime", ["headstart.runtime"]),
     ("models", ["headstart.models"]),
     ("data", ["headstart.data"]),
