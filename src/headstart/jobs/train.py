@@ -32,7 +32,7 @@ from headstart.models.freeze import count_params
 from headstart.models.network import Network
 from headstart.runtime.device import pick_device, seed_everything
 from headstart.training import fit as fitting
-from headstart.training.budget import parse_duration, planned_stage
+from headstart.training.budget import parse_duration, with_plan
 from headstart.training.fit import FitResult
 from headstart.training.optim import resolve_stages, stage_rows
 from headstart.training.runs import RunDir
@@ -163,7 +163,7 @@ def _finished_result(resume: str | Path, cfg: RunConfig, state: dict[str, Any]) 
     if fitting.budget_plans(cfg):  # the --budget stage, once planned, is part of the schedule
         if ts.get("plan") is None:
             return None  # stopped before the plan was made
-        stages += [s for s in [planned_stage(ts["plan"], net, cfg)] if s is not None]
+        stages = with_plan(stages, ts["plan"], net, cfg)
     total = sum(stage_rows(s) for s in stages)
     if not ts.get("stopped") and ts["global_epoch"] < total:
         return None

@@ -127,6 +127,12 @@ def planned_stage(plan: dict[str, Any], net: Network, cfg: RunConfig) -> StageCo
                        layer_decay=tc.layer_decay, bn=tc.finetune_bn)
 
 
+def with_plan(stages: list[StageConfig], plan: dict[str, Any], net: Network, cfg: RunConfig) -> list[StageConfig]:
+    """The schedule once a plan is made: ``stages`` and the planned fine-tuning stage, if it chose one."""
+    planned = planned_stage(plan, net, cfg)
+    return stages + ([planned] if planned is not None else [])
+
+
 def candidate_groups(n: int) -> list[int]:
     """The plans worth timing for a body of ``n`` depth groups: the last 1, 2, 3, half, and all."""
     return sorted({k for k in (1, 2, 3, n // 2, n) if 1 <= k <= n})

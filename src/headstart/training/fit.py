@@ -34,7 +34,7 @@ from headstart.runtime.device import pick_device, seed_everything, set_cpu_speed
 from headstart.runtime.distributed import all_sum, init_from_env, local_device
 from headstart.runtime.distributed import world as current_world
 from headstart.training import budget
-from headstart.training.budget import PATIENCE, PLANNED, Deadline, make_plan, parse_duration, planned_stage
+from headstart.training.budget import PATIENCE, PLANNED, Deadline, make_plan, parse_duration, planned_stage, with_plan
 from headstart.training.console import epoch_line, stage_lines
 from headstart.training.head_solver import solvable_final, solve_head
 from headstart.training.inputs import BodyEngine, StageInputs
@@ -124,7 +124,7 @@ def fit(
     stages = resolve_stages(job.cfg.train, net)
     plans = job.deadline is not None and budget_plans(job.cfg)
     if plans and job.state.plan is not None:  # resumed: the plan chosen before the stop
-        stages += [s for s in [planned_stage(job.state.plan, net, job.cfg)] if s is not None]
+        stages = with_plan(stages, job.state.plan, net, job.cfg)
     job.state.skip_finished_stage(stages)
     final: ClassReport | None = None
     for si, stage in enumerate(stages):  # a --budget plan appends its stage while this runs
