@@ -169,7 +169,7 @@ BAD = [
     ({"data.limit_train": 0}, "data.limit_train"),
     ({"head.dropout": 1.0}, "head.dropout"),
     ({"head.hidden": "64,0"}, "head.hidden (--hidden) is 0"),
-    ({"train.optimizer": "adam"}, "give one of: adamw, sgd"),
+    ({"train.optimizer": "adam"}, "give one of: adamw, radam, sgd"),
     ({"train.freeze": False}, "quote it in YAML"),
     ({"train.stages": [{"epochs": -1}]}, "train.stages[0].epochs"),
     ({"train.stages": [{"lr": -0.1}]}, "train.stages[0].lr"),

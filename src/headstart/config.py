@@ -113,6 +113,8 @@ class StageConfig:
     lr_mult: dict[str, float] = setting(factory=dict, shown="none", at_least=0,
                                         help="per-group multipliers by group name (head included), "
                                              "applied after layer_decay")
+    warmup: float | None = setting(None, at_least=0, at_most=1, shown="train.warmup",
+                                   help="fraction of the stage's steps spent warming up")
     bn: str = setting("frozen", choices=BN_POLICIES, help="BatchNorm in frozen parts: frozen (eval mode), "
                       "train (statistics update) or eval-all (every BatchNorm in eval mode, tiny batches)")
     solve: bool = setting(False, help="after the stage's epochs, fit the head's final layer to convergence "
@@ -133,7 +135,7 @@ class TrainConfig:
                                      "5-fold cross-validation on the training split)")
     lr: float | str = setting(1e-3, choices=("auto",), at_least=0,
                               help="learning rate of the head stage, or auto (learning-rate range test)")
-    optimizer: str = setting("adamw", choices=("adamw", "sgd"), help="optimizer")
+    optimizer: str = setting("adamw", choices=("adamw", "radam", "sgd"), help="optimizer")
     weight_decay: float = setting(0.01, at_least=0, help="weight decay (never on biases and norms)")
     momentum: float = setting(0.9, at_least=0, below=1, help="momentum of sgd (Nesterov when above 0)")
     warmup: float = setting(0.1, at_least=0, at_most=1, help="fraction of each stage's steps spent warming up")
@@ -151,8 +153,16 @@ class TrainConfig:
     compile: bool = setting(False, help="torch.compile the network (a compile time up front; for long GPU runs)")
     finetune_epochs: int = setting(0, at_least=0, help="epochs of the fine-tuning stage (0: none)")
     finetune_unfreeze: str = setting("all", help="all, or how many last depth groups fine-tuning unfreezes")
-    finetune_lr: float | str = setting(3e-4, choices=("auto",), at_least=0,
+    finetune_lr: float | str = setting(1e-4, choices=("auto",), at_least=0,
                                        help="base learning rate of fine-tuning, or auto")
+    # Half the stage warming up to 1e-4: AdamW's first steps at 3e-4 after 1 step of warm-up had
+    # knocked a 240-photo set from 93.5% to 58.8%; see bench/README.md ("fine-tuning's first epoch").
+    finetune_warmup: float = setting(0.5, at_least=0, at_most=1,
+                                     help="fraction of the fine-tuning stage's steps spent warming up")
+    # 10 helped the digits (the features move far from ImageNet's) and hurt small photo sets.
+    finetune_head_mult: float = setting(1.0, above=0,
+                                        help="the head's learning rate in fine-tuning, as a multiple of "
+                                             "finetune_lr")
     # eval-all keeps the pretrained statistics (scales and shifts still train): on the digits demo
     # it reached 97.2% against 92.5% with batch statistics, whose switch from ImageNet to digit
     # statistics first knocked accuracy down to 56%.

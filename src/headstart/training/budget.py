@@ -33,7 +33,7 @@ from headstart.data import DataBundle, make_loader
 from headstart.errors import HeadstartError
 from headstart.models.freeze import unfreeze_last
 from headstart.models.network import Network
-from headstart.training.optim import apply_stage, build_optimizer
+from headstart.training.optim import apply_stage, build_optimizer, finetune_stage
 
 MIN_EPOCHS = 3
 MAX_EPOCHS = 12
@@ -123,8 +123,7 @@ def planned_stage(plan: dict[str, Any], net: Network, cfg: RunConfig) -> StageCo
     c = plan["candidates"][plan["chosen"]]
     tc = cfg.train
     k = "all" if c["groups"] >= c["of"] else c["groups"]
-    return StageConfig(name=PLANNED, epochs=c["epochs"], freeze=unfreeze_last(net, k), lr=tc.finetune_lr,
-                       layer_decay=tc.layer_decay, bn=tc.finetune_bn)
+    return finetune_stage(tc, PLANNED, c["epochs"], unfreeze_last(net, k))
 
 
 def with_plan(stages: list[StageConfig], plan: dict[str, Any], net: Network, cfg: RunConfig) -> list[StageConfig]:
@@ -171,8 +170,7 @@ def _time_plan(net: Network, cfg: RunConfig, k: int, x: torch.Tensor, y: torch.T
     """Seconds per image of the frozen prefix (0: none is cached), per training step, per validated image."""
     probe = copy.deepcopy(net)
     tc = cfg.train
-    stage = StageConfig(name="probe", epochs=1, freeze=unfreeze_last(probe, "all" if k >= len(net.groups) else k),
-                        lr=tc.finetune_lr, layer_decay=tc.layer_decay, bn=tc.finetune_bn)
+    stage = finetune_stage(tc, "probe", 1, unfreeze_last(probe, "all" if k >= len(net.groups) else k))
     apply_stage(probe, stage)
     cut = probe.frozen_prefix() if cfg.cache.enabled and probe.chain is not None and k < len(net.groups) else 0
     per_prefix = 0.0

@@ -228,7 +228,7 @@ def _stage_run(job: _Fit, si: int, stage: StageConfig, inputs: StageInputs) -> S
     """The stage's optimizer and per-step schedule, continuing from the saved ones when resuming mid-stage."""
     tc, state = job.cfg.train, job.state
     opt = build_optimizer(job.net, stage, tc)
-    sched = build_scheduler(opt, steps_per_epoch(job.data.train, job.cfg) * stage.epochs, tc)
+    sched = build_scheduler(opt, steps_per_epoch(job.data.train, job.cfg) * stage.epochs, tc, stage)
     if state.resumes_mid_stage():
         opt.load_state_dict(state.optimizer)
         sched.load_state_dict(state.scheduler)

@@ -48,23 +48,24 @@ def resolve_stages(cfg: TrainConfig, net: Network) -> list[StageConfig]:
     if cfg.schedule == "gradual":
         # ULMFiT-style: one more depth group joins every epoch, deepest first.
         for k in range(1, len(net.groups) + 1):
-            name = f"unfreeze-{net.groups[-k].name}"
-            stages.append(StageConfig(name=name, epochs=1, freeze=unfreeze_last(net, k), lr=cfg.finetune_lr,
-                                      bn=cfg.finetune_bn))
+            stages.append(finetune_stage(cfg, f"unfreeze-{net.groups[-k].name}", 1, unfreeze_last(net, k),
+                                         layer_decay=1.0))
     elif cfg.schedule != "two-phase":
         raise HeadstartError(f"unknown schedule {cfg.schedule!r}: use two-phase or gradual (or list stages)")
     if cfg.finetune_epochs > 0:
-        stages.append(
-            StageConfig(
-                name="finetune",
-                epochs=cfg.finetune_epochs,
-                freeze=unfreeze_last(net, cfg.finetune_unfreeze),
-                lr=cfg.finetune_lr,
-                layer_decay=cfg.layer_decay,
-                bn=cfg.finetune_bn,
-            )
-        )
+        stages.append(finetune_stage(cfg, "finetune", cfg.finetune_epochs, unfreeze_last(net, cfg.finetune_unfreeze)))
     return _with_epochs(stages, {"head": "--epochs", "finetune": "--finetune-epochs"})
+
+
+def finetune_stage(cfg: TrainConfig, name: str, epochs: int, freeze: str,
+                   layer_decay: float | None = None) -> StageConfig:
+    """A fine-tuning stage with the ``train.finetune_*`` recipe: its rate, warm-up, BatchNorm policy,
+    layer decay and the head's multiple of the rate (the two-phase schedule, gradual unfreezing and
+    the budget's planned stage all fine-tune this way)."""
+    return StageConfig(name=name, epochs=epochs, freeze=freeze, lr=cfg.finetune_lr,
+                       layer_decay=cfg.layer_decay if layer_decay is None else layer_decay,
+                       bn=cfg.finetune_bn, warmup=cfg.finetune_warmup,
+                       lr_mult={"head": cfg.finetune_head_mult} if cfg.finetune_head_mult != 1.0 else {})
 
 
 # ``train.epochs: auto`` for heads that cannot be solved (a frozen-body head stage is needed, and a
@@ -231,9 +232,11 @@ def build_optimizer(net: Network, stage: StageConfig, cfg: TrainConfig) -> torch
     groups = param_groups(net, stage, base_lr, cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=base_lr)
+    if cfg.optimizer == "radam":
+        return torch.optim.RAdam(groups, lr=base_lr, decoupled_weight_decay=True)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=base_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    raise HeadstartError(f"unknown optimizer {cfg.optimizer!r}: use adamw or sgd")
+    raise HeadstartError(f"unknown optimizer {cfg.optimizer!r}: use adamw, radam or sgd")
 
 
 def lr_factor(step: int, total: int, warmup: float, kind: str = "cosine") -> float:
@@ -254,7 +257,11 @@ def lr_factor(step: int, total: int, warmup: float, kind: str = "cosine") -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(opt: torch.optim.Optimizer, total_steps: int,
-                    cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step schedule over one stage; it scales every group's own rate by the same factor."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg.warmup, cfg.scheduler))
+def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig,
+                    stage: StageConfig | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule over one stage; it scales every group's own rate by the same factor.
+
+    The stage's own ``warmup`` wins over ``train.warmup``.
+    """
+    warmup = stage.warmup if stage is not None and stage.warmup is not None else cfg.warmup
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, cfg.scheduler))
