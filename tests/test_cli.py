@@ -279,7 +279,7 @@ BAD_VALUES = {
     "--batch-size 0": (["--batch-size", "0"], "data.batch_size"),
     "epochs: true": ("train:\n  epochs: true\n", "train.epochs: expected a whole number, got True"),
     "lr: .nan": ("train:\n  lr: .nan\n", "train.lr (--lr) is nan"),
-    "optimizer: adam": ("train:\n  optimizer: adam\n", "give one of: adamw, sgd"),
+    "optimizer: adam": ("train:\n  optimizer: adam\n", "give one of: adamw, radam, sgd"),
 }
 
 

@@ -6,6 +6,7 @@ Everything uses random-weight models at 32 px on 64 bundled digits; nothing is d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -24,7 +25,9 @@ from headstart.models.backbones import build_network
 from headstart.models.freeze import trainable_state
 from headstart.training import fit as fit_module
 from headstart.training.fit import fit
-from headstart.training.optim import apply_stage, build_optimizer, lr_factor, param_groups, resolve_stages
+from headstart.training.budget import planned_stage
+from headstart.training.optim import (apply_stage, build_optimizer, build_scheduler, group_lrs, lr_factor, param_groups,
+                                     resolve_stages)
 from headstart.training.runs import RunDir
 
 RESNET18_GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4"]
@@ -195,7 +198,8 @@ def test_lr_factor_shapes():
 def test_fit_lrs_follow_warmup_cosine_per_stage(tmp_path, monkeypatch):
     records = spy_steps(monkeypatch)
     cfg = tiny_cfg(tmp_path, **{"train.epochs": 2, "train.finetune_epochs": 1, "train.warmup": 0.25,
-                                "train.lr": 0.01, "train.finetune_lr": 0.001, "train.layer_decay": 0.5})
+                                "train.finetune_warmup": 0.5, "train.lr": 0.01, "train.finetune_lr": 0.001,
+                                "train.layer_decay": 0.5})
     net, data = prepare(cfg)
     run = RunDir.new(cfg)
     result = fit(net, data, cfg, run, say=lambda s: None)
@@ -211,9 +215,9 @@ def test_fit_lrs_follow_warmup_cosine_per_stage(tmp_path, monkeypatch):
     for r, f in zip(head, head_factors):
         assert lrs_by_group(r) == {"head": pytest.approx(0.01 * f)}
 
-    # stage 2: a new optimizer, every group at finetune_lr scaled by layer decay, warmup restarted
+    # stage 2: a new optimizer, every group at finetune_lr scaled by layer decay, its own warmup
     assert ft[0]["opt"] is not head[0]["opt"]
-    ft_factors = [0.5, 1.0, 0.75, 0.25]  # 4 steps, warmup round(4 * 0.25) = 1 step
+    ft_factors = [1 / 3, 2 / 3, 1.0, 0.5]  # 4 steps, warmup round(4 * 0.5) = 2 steps (train.finetune_warmup)
     for r, f in zip(ft, ft_factors):
         lrs = lrs_by_group(r)
         assert list(lrs) == [*RESNET18_GROUPS, "head"]
@@ -222,8 +226,35 @@ def test_fit_lrs_follow_warmup_cosine_per_stage(tmp_path, monkeypatch):
 
     # metrics.jsonl records each epoch's starting rates
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lrs"]["head"] for r in rows] == pytest.approx([0.01 / 3, 0.0075, 0.0005])
-    assert rows[2]["lrs"]["stem"] == pytest.approx(0.0005 * 0.5**5)
+    assert [r["lrs"]["head"] for r in rows] == pytest.approx([0.01 / 3, 0.0075, 0.001 / 3])
+    assert rows[2]["lrs"]["stem"] == pytest.approx(0.001 / 3 * 0.5**5)
+
+
+def test_every_fine_tuning_stage_gets_the_finetune_recipe():
+    net = build_network("resnet18", "none", num_classes=3)
+    tc = TrainConfig(finetune_epochs=2, finetune_lr=2e-4, finetune_warmup=0.4, finetune_head_mult=10.0)
+    two_phase = resolve_stages(tc, net)[-1]
+    gradual = resolve_stages(dataclasses.replace(tc, schedule="gradual"), net)[1]
+    cfg = RunConfig(train=tc)
+    plan = {"chosen": 0, "candidates": [{"groups": 2, "of": len(net.groups), "epochs": 3}]}
+    budget = planned_stage(plan, net, cfg)
+    for stage in (two_phase, gradual, budget):
+        assert (stage.lr, stage.warmup, stage.lr_mult) == (2e-4, 0.4, {"head": 10.0}), stage.name
+    assert two_phase.layer_decay == budget.layer_decay == tc.layer_decay
+    rates = group_lrs(net, two_phase, 2e-4)
+    assert rates["head"] == pytest.approx(2e-3) and rates["layer4"] == pytest.approx(2e-4 * tc.layer_decay)
+    # the scheduler warms up over the stage's own fraction, not train.warmup's
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, 10, dataclasses.replace(tc, warmup=0.0), two_phase)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / 5)  # step 0 of a 4-step warm-up
+    assert sched.last_epoch == 0
+
+
+def test_radam_is_decoupled():
+    net = build_network("resnet18", "none", num_classes=3)
+    stage = StageConfig(name="ft", epochs=1, freeze="none", lr=1e-3)
+    opt = build_optimizer(net, stage, TrainConfig(optimizer="radam"))
+    assert isinstance(opt, torch.optim.RAdam) and opt.defaults["decoupled_weight_decay"] is True
 
 
 def test_sgd_onecycle_label_smoothing(tmp_path, monkeypatch):

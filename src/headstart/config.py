@@ -138,7 +138,9 @@ class TrainConfig:
     optimizer: str = setting("adamw", choices=("adamw", "radam", "sgd"), help="optimizer")
     weight_decay: float = setting(0.01, at_least=0, help="weight decay (never on biases and norms)")
     momentum: float = setting(0.9, at_least=0, below=1, help="momentum of sgd (Nesterov when above 0)")
-    warmup: float = setting(0.1, at_least=0, at_most=1, help="fraction of each stage's steps spent warming up")
+    warmup: float = setting(0.1, at_least=0, at_most=1,
+                            help="fraction of the head stage's steps (and of explicit stages that set no "
+                                 "warmup of their own) spent warming up")
     scheduler: str = setting("cosine", choices=("cosine", "onecycle", "constant"), help="learning-rate schedule")
     label_smoothing: float = setting(0.0, at_least=0, below=1, help="label smoothing of the loss")
     class_weights: bool = setting(False, help="weight the loss by inverse class frequency (imbalanced folders)")

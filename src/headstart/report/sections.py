@@ -217,7 +217,8 @@ def _trained_section(run: RunRecord) -> str:
     pre = net.preprocessing
     head, tc = group_sizes.get("head", 0), cfg.train
     schedule = (f"{len(plans)} stage(s), optimizer {tc.optimizer}, scheduler {tc.scheduler}, warm-up "
-                f"{tc.warmup:.0%} of each stage, weight decay {tc.weight_decay}")
+                f"{tc.warmup:.0%} of the head stage and {tc.finetune_warmup:.0%} of each fine-tuning stage, "
+                f"weight decay {tc.weight_decay}")
     facts = kv_list([
         ("model", f"{net.name} ({net.source})"),
         ("weights", _weights_text(cfg.model.weights, ckpt.get("pretrained"))),
