@@ -24,10 +24,17 @@ from headstart.models import checkpoint
 from headstart.models.backbones import build_network
 from headstart.models.freeze import trainable_state
 from headstart.training import fit as fit_module
-from headstart.training.fit import fit
 from headstart.training.budget import planned_stage
-from headstart.training.optim import (apply_stage, build_optimizer, build_scheduler, group_lrs, lr_factor, param_groups,
-                                     resolve_stages)
+from headstart.training.fit import fit
+from headstart.training.optim import (
+    apply_stage,
+    build_optimizer,
+    build_scheduler,
+    group_lrs,
+    lr_factor,
+    param_groups,
+    resolve_stages,
+)
 from headstart.training.runs import RunDir
 
 RESNET18_GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4"]
