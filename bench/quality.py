@@ -22,6 +22,7 @@ backbone (``SIZES``).
 
     python bench/quality.py --data clothing --model mobilenet_v2 --contenders head,probe
     python bench/quality.py --data cifar --model lite0 --contenders head,probe,budget
+    python bench/quality.py --table          # the Markdown table of bench/results/quality.jsonl
 """
 
 from __future__ import annotations
@@ -208,9 +209,61 @@ def tutorial(args: Any, folder: Path, mode: str) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------- the table
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _cell(line: dict[str, Any] | None) -> str:
+    """One contender's cell: final accuracy (best, where kept) and wall time; partial runs say so."""
+    if line is None:
+        return "not run"
+    text = _pct(line["val_acc"])
+    if line.get("best_val_acc") is not None and line["best_val_acc"] != line["val_acc"]:
+        text += f" (best {_pct(line['best_val_acc'])})"
+    text += f", {line['seconds'] / 60:.1f} min"
+    if line.get("stopped_by_time_limit"):
+        text += f", {line['epochs_run']} of {line['epochs_planned']} epochs"
+    return text
+
+
+def _rule2(line: dict[str, Any] | None) -> str:
+    """Fine-tuning epochs against the head stage: the worst epoch's and the last epoch's difference."""
+    if line is None:
+        return "–"
+    per = line["val_acc_per_epoch"]
+    head = per.get("head", [None])[-1]
+    tuned = [a for stage, accs in per.items() if stage != "head" for a in accs]
+    if head is None or not tuned:
+        return "no fine-tuning epoch"
+    return f"worst {100 * (min(tuned) - head):+.1f}, last {100 * (tuned[-1] - head):+.1f} ({len(tuned)} epochs)"
+
+
+def table(results: Path) -> str:
+    """A Markdown table of the latest line of each data set x backbone x contender in ``results``."""
+    latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for raw in results.read_text().splitlines():
+        if raw.strip():
+            line = json.loads(raw)
+            latest[(line["data"], line["model"], line["contender"])] = line
+    rows = ["| data | backbone (px) | probe | tutorial, fixed features | **headstart head-only** | tutorial, "
+            "fine-tune | **headstart --budget 15m** | budget's fine-tuning vs its head stage (points) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for data, model in dict.fromkeys((d, m) for d, m, _ in latest):
+        get = {c: latest.get((data, model, c)) for c in CONTENDERS}
+        probe_line = get["probe"]
+        probe_text = "not run" if probe_line is None else f"{_pct(probe_line['val_acc'])} (C={probe_line['best_C']})"
+        rows.append(f"| {data} | {model} ({SIZES[data][model]}) | {probe_text} | {_cell(get['tutorial-fixed'])} | "
+                    f"{_cell(get['head'])} | {_cell(get['tutorial-finetune'])} | {_cell(get['budget'])} | "
+                    f"{_rule2(get['budget'])} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = common.base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--data", choices=tuple(SIZES), required=True)
+    p.add_argument("--data", choices=tuple(SIZES), help="the data set (required unless --table)")
     p.add_argument("--model", choices=tuple(MODELS), default="mobilenet_v2")
     p.add_argument("--contenders", default="head,probe", help=f"comma-separated: {', '.join(CONTENDERS)}")
     p.add_argument("--budget", default="15m", help="the budget contender's --budget")
@@ -218,7 +271,13 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds: stop a tutorial run at the first epoch end past it (the line says so)")
     p.add_argument("--results", type=Path, default=Path(common.REPO) / "bench" / "results" / "quality.jsonl")
+    p.add_argument("--table", action="store_true", help="print the Markdown table of --results and exit")
     args = p.parse_args()
+    if args.table:
+        print(table(args.results))
+        return
+    if args.data is None:
+        p.error("--data is required")
     common.setup_torch(args.threads)
     folder = data_folder(args)
     for name in args.contenders.split(","):
