@@ -251,7 +251,8 @@ def table(results: Path) -> str:
     rows = ["| data | backbone (px) | probe | tutorial, fixed features | **headstart head-only** | tutorial, "
             "fine-tune | **headstart --budget 15m** | budget's fine-tuning vs its head stage (points) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for data, model in dict.fromkeys((d, m) for d, m, _ in latest):
+    pairs = sorted({(d, m) for d, m, _ in latest}, key=lambda dm: (list(SIZES).index(dm[0]), list(MODELS).index(dm[1])))
+    for data, model in pairs:
         get = {c: latest.get((data, model, c)) for c in CONTENDERS}
         probe_line = get["probe"]
         probe_text = "not run" if probe_line is None else f"{_pct(probe_line['val_acc'])} (C={probe_line['best_C']})"

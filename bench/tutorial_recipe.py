@@ -102,7 +102,7 @@ def _epoch(net: Any, loader: Any, opt: Any, train: bool) -> tuple[float, float]:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             correct += int((out.argmax(1) == y).sum())
             total += len(y)
     return loss_sum / total, correct / total
