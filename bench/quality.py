@@ -212,8 +212,8 @@ def tutorial(args: Any, folder: Path, mode: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------- the table
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
 
 
 def _cell(line: dict[str, Any] | None) -> str:

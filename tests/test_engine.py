@@ -30,6 +30,7 @@ from headstart.training.optim import (
     apply_stage,
     build_optimizer,
     build_scheduler,
+    describe_stage,
     group_lrs,
     lr_factor,
     param_groups,
@@ -252,9 +253,11 @@ def test_every_fine_tuning_stage_gets_the_finetune_recipe():
     assert rates["head"] == pytest.approx(2e-3) and rates["layer4"] == pytest.approx(2e-4 * tc.layer_decay)
     # the scheduler warms up over the stage's own fraction, not train.warmup's
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = build_scheduler(opt, 10, dataclasses.replace(tc, warmup=0.0), two_phase)
+    build_scheduler(opt, 10, dataclasses.replace(tc, warmup=0.0), two_phase)
     assert opt.param_groups[0]["lr"] == pytest.approx(1 / 5)  # step 0 of a 4-step warm-up
-    assert sched.last_epoch == 0
+    # and the plan the console and the report show says the same, per stage
+    head = resolve_stages(tc, net)[0]
+    assert (describe_stage(net, head, cfg).warmup, describe_stage(net, two_phase, cfg).warmup) == (tc.warmup, 0.4)
 
 
 def test_radam_is_decoupled():

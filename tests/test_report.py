@@ -202,6 +202,9 @@ def test_digits_report(digits_report: Path, digits_interp: Interpretation) -> No
     for needle in ("resnet18", "finetune", "frozen", "trainable", "11,181,642", "digits #", "images/s",
                    "<pre>model:"):
         assert needle in text, needle
+    # each stage's own warm-up: train.warmup for the head stage, train.finetune_warmup for fine-tuning
+    for stage, warmup in (("head", "10%"), ("finetune", "50%")):
+        assert re.search(rf"<tr><td>{stage}</td><td>[^<]*</td><td>[^<]*</td><td>{warmup}</td>", text), stage
 
 
 def test_folder_report(folder_report: Path, folder_run: Path) -> None:

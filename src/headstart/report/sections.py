@@ -216,9 +216,8 @@ def _trained_section(run: RunRecord) -> str:
     total = count_params(net)[0]
     pre = net.preprocessing
     head, tc = group_sizes.get("head", 0), cfg.train
-    schedule = (f"{len(plans)} stage(s), optimizer {tc.optimizer}, scheduler {tc.scheduler}, warm-up "
-                f"{tc.warmup:.0%} of the head stage and {tc.finetune_warmup:.0%} of each fine-tuning stage, "
-                f"weight decay {tc.weight_decay}")
+    schedule = (f"{len(plans)} stage(s), optimizer {tc.optimizer}, scheduler {tc.scheduler} (each stage's "
+                f"warm-up in the table below), weight decay {tc.weight_decay}")
     facts = kv_list([
         ("model", f"{net.name} ({net.source})"),
         ("weights", _weights_text(cfg.model.weights, ckpt.get("pretrained"))),
@@ -245,11 +244,12 @@ def _stages_table(run: RunRecord, plans: Sequence[StagePlan], total: int) -> str
         if lr == "auto":  # chosen by the range test when the stage began: read it off the history
             used = [r.get("base_lr") for r in run.history if r.get("stage") == p.name]
             lr = f"auto ({used[0]:.3g})" if used and isinstance(used[0], float) else "auto"
-        rows.append([p.name, f"{ran.get(p.name, 0)} of {p.epochs + int(p.solve)}", lr, f"{p.layer_decay:g}",
+        warmup = f"{p.warmup:.0%}" if p.epochs else "–"  # a solved-only stage takes no optimizer steps
+        rows.append([p.name, f"{ran.get(p.name, 0)} of {p.epochs + int(p.solve)}", lr, warmup, f"{p.layer_decay:g}",
                      p.freeze, p.bn, f"{p.trainable:,} ({share(p.trainable, total)})",
                      duration(d.get("seconds")) if d else "–",
                      f"{d['images_per_s']:,.0f}" if d.get("images_per_s") else "–"])
-    header = ["stage", "epochs run", "base lr", "layer decay", "freeze", "BatchNorm", "trainable parameters",
+    header = ["stage", "epochs run", "base lr", "warm-up", "layer decay", "freeze", "BatchNorm", "trainable parameters",
               "training time", "images/s"]
     return ("<h3>Stages</h3>" + html_table(header, rows, "stages") + solved_notes(run) + budget_notes(run)
             + '<p class="note">Training time sums the epochs\' training passes and the feature caching of '

@@ -131,6 +131,7 @@ class StagePlan:
     name: str
     epochs: int
     lr: float | str
+    warmup: float  # the fraction of the stage's steps spent warming up (see stage_warmup)
     layer_decay: float
     freeze: str
     bn: str
@@ -162,7 +163,8 @@ def describe_stage(net: Network, stage: StageConfig, cfg: RunConfig) -> StagePla
     apply_stage(net, stage)
     lr = stage.lr if stage.lr is not None else cfg.train.lr
     total, trainable = count_params(net)
-    return StagePlan(name=stage.name, epochs=stage.epochs, lr=lr, layer_decay=stage.layer_decay,
+    return StagePlan(name=stage.name, epochs=stage.epochs, lr=lr, warmup=stage_warmup(stage, cfg.train),
+                     layer_decay=stage.layer_decay,
                      freeze=stage.freeze, bn=stage.bn, states=trainable_state(net), bn_modes=bn_mode(net),
                      lrs=group_lrs(net, stage, 1.0 if lr == "auto" else float(lr)), cache=cache_plan(net, cfg),
                      trainable=trainable, total=total, solve=stage.solve)
@@ -261,7 +263,12 @@ def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: TrainConf
                     stage: StageConfig | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step schedule over one stage; it scales every group's own rate by the same factor.
 
-    The stage's own ``warmup`` wins over ``train.warmup``.
+    The stage's own ``warmup`` wins over ``train.warmup`` (:func:`stage_warmup`).
     """
-    warmup = stage.warmup if stage is not None and stage.warmup is not None else cfg.warmup
+    warmup = stage_warmup(stage, cfg) if stage is not None else cfg.warmup
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, cfg.scheduler))
+
+
+def stage_warmup(stage: StageConfig, cfg: TrainConfig) -> float:
+    """The fraction of ``stage``'s steps spent warming up: its own, else ``train.warmup``."""
+    return stage.warmup if stage.warmup is not None else cfg.warmup
