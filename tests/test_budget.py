@@ -10,7 +10,7 @@ from headstart.errors import HeadstartError
 from headstart.jobs.train import prepare
 from headstart.training import budget
 from headstart.training import fit as fit_module
-from headstart.training.budget import MAX_EPOCHS, MIN_EPOCHS, Candidate, choose, parse_duration
+from headstart.training.budget import MAX_EPOCHS, MIN_EPOCHS, Candidate, Plan, choose, parse_duration, replan
 from headstart.training.fit import fit
 
 
@@ -45,6 +45,27 @@ def test_a_tight_budget_picks_the_cheaper_plan_and_none_when_nothing_fits():
     assert many is not None and many.groups == 5 and many.epochs == MAX_EPOCHS
 
 
+def chosen_plan(left_s: float) -> dict:
+    cs = plans()
+    return Plan(1000, left_s, cs, choose(cs, left_s)).to_dict()
+
+
+def test_the_planned_length_is_refitted_once_to_the_first_epochs_real_time():
+    plan = chosen_plan(400)  # the whole network, 4 epochs of an estimated 100 s
+    # It ran in 60 s and 340 s are left: 5 more fit, 6 in all; the estimate stays on record.
+    assert "now runs 6 epoch(s), not 4" in replan(plan, epoch_s=60, left_s=340, done=1)
+    assert plan["epochs"] == 6 and plan["candidates"][plan["chosen"]]["epochs"] == 4
+    assert plan["refit"] == {"after": 1, "epoch_s": 60, "planned": 4, "epochs": 6}
+    assert replan(plan, epoch_s=10, left_s=340, done=2) is None and plan["epochs"] == 6  # only once
+    slow = chosen_plan(400)  # it ran in 150 s: 250 s left hold one more, not three
+    assert "now runs 2 epoch(s), not 4" in replan(slow, epoch_s=150, left_s=250, done=1)
+    fast = chosen_plan(400)
+    replan(fast, epoch_s=1, left_s=340, done=1)
+    assert fast["epochs"] == MAX_EPOCHS
+    same = chosen_plan(400)
+    assert replan(same, epoch_s=100, left_s=300, done=1) is None and "epochs" not in same
+
+
 class FakeClock:
     """Time moves only when the test says so: an epoch costs what its plan says."""
 
@@ -55,7 +76,8 @@ class FakeClock:
         return self.t
 
 
-def run_on_fake_clock(tmp_path, monkeypatch, budget_text: str, **overrides):
+def run_on_fake_clock(tmp_path, monkeypatch, budget_text: str, real: float = 1.0, **overrides):
+    """A run whose epochs cost ``real`` times what the planner's timed steps estimate."""
     clock = FakeClock()
     monkeypatch.setattr(budget, "now", clock)
     # Measured costs per plan (prefix seconds per image, seconds per step, per validated image):
@@ -66,7 +88,7 @@ def run_on_fake_clock(tmp_path, monkeypatch, budget_text: str, **overrides):
 
     def epoch_with_cost(job, sr, inputs, epoch):
         whole = sr.stage.freeze == "none"
-        clock.t += 50.0 * 4 if whole else 5.0 * 4  # 4 steps per epoch at the measured step cost
+        clock.t += real * (50.0 * 4 if whole else 5.0 * 4)  # 4 steps per epoch at the measured step cost
         return real_epoch(job, sr, inputs, epoch)
 
     monkeypatch.setattr(fit_module, "_run_epoch", epoch_with_cost)
@@ -91,6 +113,21 @@ def test_a_run_stays_within_its_budget_and_shows_the_plan(tmp_path, monkeypatch)
     assert "fine-tuning plans, timed over a few steps" in text and "<- chosen" in text
     finetune = [r for r in result.history if r["stage"] == "finetune"]
     assert 1 <= len(finetune) <= 4
+
+
+def test_a_stage_faster_than_estimated_runs_longer_on_a_refitted_schedule(tmp_path, monkeypatch):
+    # The whole network's epochs take half the 200 s its timed steps promised.
+    result, took, text = run_on_fake_clock(tmp_path, monkeypatch, "15m", real=0.5, **{"train.patience": 50})
+    plan = result.plan
+    assert plan["candidates"][plan["chosen"]]["epochs"] == 4 and plan["refit"]["epoch_s"] == 100
+    assert plan["epochs"] == 9  # 1 done, then 800 s left: 8 more
+    finetune = [r for r in result.history if r["stage"] == "finetune"]
+    assert len(finetune) == 9 and took <= 900
+    assert "now runs 9 epoch(s), not 4" in text and "epoch 9/9" in text
+    # The warm-up (half the stage) now spans 4.5 epochs: the rate still rises at the 4th and 5th epochs'
+    # starts, where the planned 4-epoch schedule was already decaying, and it decays to the end.
+    lr = [max(r["lrs"].values()) for r in finetune]
+    assert lr[2] < lr[3] < lr[4] and lr[5] > lr[6] > lr[7] > lr[8] > 0
 
 
 def test_a_tight_budget_fine_tunes_the_last_groups_only(tmp_path, monkeypatch):
@@ -124,7 +161,8 @@ def test_plans_are_timed_for_real_on_a_copy_that_leaves_the_network_alone(tmp_pa
 
 
 def test_a_resumed_budget_run_keeps_its_plan(tmp_path, monkeypatch):
-    """Stopped in the planned stage, the run resumes into the same stage: the planner does not run again."""
+    """Stopped in the planned stage, the run resumes into the same stage, refitted length included: the planner
+    does not run again."""
     import headstart as hs
 
     clock = FakeClock()
@@ -133,7 +171,7 @@ def test_a_resumed_budget_run_keeps_its_plan(tmp_path, monkeypatch):
     real_epoch, seen = fit_module._run_epoch, []
 
     def epoch_then_stop(job, sr, inputs, epoch):
-        clock.t += 20.0
+        clock.t += 10.0  # half the 20 s an epoch was estimated at
         if sr.stage.name == "finetune":
             seen.append(epoch)
             if len(seen) == 2:
@@ -143,17 +181,33 @@ def test_a_resumed_budget_run_keeps_its_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(fit_module, "_run_epoch", epoch_then_stop)
     base = {"model.name": "resnet18", "model.weights": "none", "model.input_size": 32, "data.source": "digits",
             "data.limit_train": 128, "data.limit_val": 32, "data.batch_size": 32, "train.progress": False,
-            "train.device": "cpu", "cache.dir": str(tmp_path / "cache"), "train.budget": "15m",
-            "output": str(tmp_path / "runs"), "name": "r", "report": False, "tensorboard": False}
+            "train.device": "cpu", "cache.dir": str(tmp_path / "cache"), "train.budget": "3m",
+            "output": str(tmp_path / "runs"), "name": "r", "report": False, "tensorboard": False,
+            "train.patience": 50}
     cfg = apply_overrides(RunConfig(), base)
     with pytest.raises(KeyboardInterrupt):
         hs.train(cfg, say=lambda _: None)
     saved = torch.load(tmp_path / "runs" / "r" / "last.pt", map_location="cpu", weights_only=True)
     plan = saved["train_state"]["plan"]
     assert plan is not None and plan["chosen"] is not None
+    assert plan["candidates"][plan["chosen"]]["epochs"] < plan["epochs"] == MAX_EPOCHS  # refitted
     monkeypatch.setattr(budget, "measure_plans", lambda *a, **k: pytest.fail("the plan was measured again"))
     lines: list[str] = []
     result = hs.train(cfg, resume=tmp_path / "runs" / "r", say=lines.append)
     assert result.plan == plan
     assert seen[2:] and seen[2] == 1  # it went on with the planned stage's second epoch
     assert [r["stage"] for r in result.history][:2] == ["head", "finetune"]
+    assert sum(r["stage"] == "finetune" for r in result.history) == MAX_EPOCHS
+
+
+def test_the_report_says_what_the_budget_chose_and_what_its_first_epoch_changed(tmp_path):
+    from headstart.report.choices import budget_notes
+    from headstart.report.run import RunRecord
+
+    plan = chosen_plan(400)
+    replan(plan, epoch_s=60, left_s=340, done=1)
+    history = [{"stage": "head"}] + [{"stage": "finetune"}] * 6
+    html = budget_notes(RunRecord(tmp_path, summary={"budget_plan": plan, "wall_seconds": 420}, history=history))
+    assert "the whole network (chosen)" in html and "Fine-tuning ran 6 epoch(s)" in html
+    assert "set to 6 epoch(s) instead of 4" in html
+    assert "first epoch" not in budget_notes(RunRecord(tmp_path, summary={"budget_plan": chosen_plan(400)}))

@@ -7,6 +7,9 @@ counted), or the whole network. :func:`choose` then takes the deepest plan that 
 :data:`MIN_EPOCHS` epochs into what is left of the budget, and failing that the plan that fits the
 most epochs; at most :data:`MAX_EPOCHS`. The chosen stage stops early after :data:`PATIENCE` epochs
 without a better validation accuracy, and any stage stops when the next epoch would not fit.
+After the chosen stage's first epoch, :func:`replan` sets its length again from that epoch's real
+time: a few timed steps are a noisy, high estimate (on clothing-small a MobileNetV2 epoch was put
+at 206-217 s and ran 130 s, so 3 epochs were planned and the run stopped at 8 of 15 minutes).
 
 Why "deepest that fits a few epochs": on a CPU the whole network trains 3-6x slower than its last
 groups from the cached prefix, and on the CIFAR subset the last 3 groups for 8 epochs (87.5%) beat
@@ -123,7 +126,28 @@ def planned_stage(plan: dict[str, Any], net: Network, cfg: RunConfig) -> StageCo
     c = plan["candidates"][plan["chosen"]]
     tc = cfg.train
     k = "all" if c["groups"] >= c["of"] else c["groups"]
-    return finetune_stage(tc, PLANNED, c["epochs"], unfreeze_last(net, k))
+    return finetune_stage(tc, PLANNED, plan.get("epochs", c["epochs"]), unfreeze_last(net, k))
+
+
+def replan(plan: dict[str, Any], epoch_s: float, left_s: float, done: int) -> str | None:
+    """Once, after the planned stage's first ``done`` epoch(s): its length refitted to an epoch's real time.
+
+    Sets ``plan["epochs"]`` (what :func:`planned_stage` runs from then on, and what a resumed
+    run rebuilds) to the epochs done and as many more of ``epoch_s`` as fit in ``left_s`` (at
+    most :data:`MAX_EPOCHS`), and records what it saw. The console's line, or None when already
+    refitted or the planned length stands.
+    """
+    if plan.get("chosen") is None or "refit" in plan:
+        return None
+    c = plan["candidates"][plan["chosen"]]
+    planned = plan.get("epochs", c["epochs"])
+    epochs = min(MAX_EPOCHS, done + max(0, int(left_s // epoch_s))) if epoch_s > 0 else planned
+    plan["refit"] = {"after": done, "epoch_s": epoch_s, "planned": planned, "epochs": epochs}
+    if epochs == planned:
+        return None
+    plan["epochs"] = epochs
+    return (f"   budget: an epoch took {epoch_s:.0f}s (estimated {c['epoch_s']:.0f}s) and {left_s / 60:.1f} min are "
+            f"left: the stage now runs {epochs} epoch(s), not {planned}; its schedule is refitted to match")
 
 
 def with_plan(stages: list[StageConfig], plan: dict[str, Any], net: Network, cfg: RunConfig) -> list[StageConfig]:

@@ -43,6 +43,7 @@ from headstart.training.loop import (
     EpochProgress,
     EpochStats,
     build_loss,
+    diverged_text,
     inverse_frequency,
     optimizer_lrs,
     train_one_epoch,
@@ -53,14 +54,12 @@ from headstart.training.optim import (
     build_optimizer,
     build_scheduler,
     describe_stage,
-    lr_flag,
     resolve_stages,
-    stage_lr,
     stage_rows,
 )
 from headstart.training.runs import RunDir
 from headstart.training.sampling import epoch_loader, epoch_seed, steps_per_epoch
-from headstart.training.state import CheckpointWriter, FitState, MidEpochClock, StageRun, rng_state, set_rng_state
+from headstart.training.state import CheckpointWriter, FitState, MidEpochClock, StageRun, continue_epoch, rng_state
 
 
 @dataclass
@@ -207,21 +206,40 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
     # An epoch's time, for the deadline: a resumed stage starts from its last epoch's (training pass only).
     took = next((r["seconds"] for r in reversed(state.history) if r.get("stage") == stage.name), 0.0)
     final: ClassReport | None = None
-    for epoch in range(state.epoch, stage_rows(stage)):
+    epoch = state.epoch
+    while epoch < stage_rows(sr.stage):  # the budget's stage may be refitted after its first epoch
         if job.deadline is not None and (why := job.deadline.why_stop(took)):
             job.say(why)
             break
         began = budget.now()
-        run_row = _solve_epoch if epoch == stage.epochs else _run_epoch  # a solving stage ends with its solve
+        run_row = _solve_epoch if epoch == sr.stage.epochs else _run_epoch  # a solving stage ends with its solve
         row, final = run_row(job, sr, inputs, epoch)
+        if state.plan is not None and stage.name == PLANNED and job.deadline is not None:
+            _refit(job, sr, budget.now() - began, epoch + 1)  # before last.pt keeps the plan
         _end_epoch(job, sr, epoch, row)
         took = budget.now() - began
         if state.stopped:
-            unsolved = epoch < stage.epochs and stage.solve
+            unsolved = epoch < sr.stage.epochs and sr.stage.solve
             skipped = " (the head's final layer is left as trained, not solved)" if unsolved else ""
             job.say(f"   early stop: no improvement for {state.bad_epochs} epoch(s){skipped}")
             break
+        epoch += 1
     return final
+
+
+def _refit(job: _Fit, sr: StageRun, epoch_s: float, done: int) -> None:
+    """The budget's stage with the length :func:`budget.replan` sets, and its schedule, at the same step, over it."""
+    assert job.deadline is not None and job.state.plan is not None
+    line = budget.replan(job.state.plan, epoch_s, job.deadline.left(), done)
+    if line is None:
+        return
+    job.say(line)
+    stage = dataclasses.replace(sr.stage, epochs=job.state.plan["epochs"])
+    sched = build_scheduler(sr.opt, steps_per_epoch(job.data.train, job.cfg) * stage.epochs, job.cfg.train, stage)
+    sched.load_state_dict(sr.sched.state_dict())  # the steps taken so far
+    sched.last_epoch -= 1
+    sched.step()  # the rate of the current step on the refitted schedule (a new schedule set its first)
+    sr.stage, sr.sched = stage, sched
 
 
 def _stage_run(job: _Fit, si: int, stage: StageConfig, inputs: StageInputs) -> StageRun:
@@ -248,14 +266,15 @@ def _run_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tupl
     seed_everything(seed)  # augmentation and dropout draws of this epoch
     loader = epoch_loader(train_set, job.cfg, seed, inputs.workers, done)
     lrs = optimizer_lrs(sr.opt) if partial is None else dict(partial["lrs"])  # the rates the epoch began with
-    begun = _continue_epoch(partial, job.device) if partial is not None else None
+    begun = continue_epoch(partial, job.device) if partial is not None else None
     first_step = state.step - done
     try:
         tr = _train_epoch(job, sr, inputs, epoch, loader, begun, len(loader) + done, lrs)
         if not weights_finite(job.net):
             raise Diverged("the weights are no longer finite", len(loader) + done)
     except Diverged as e:
-        raise Diverged(e.reason, e.batch, message=diverged_text(job, sr, epoch, e, first_step)) from None
+        text = diverged_text(job.cfg.train, job.run.path if job.run else None, sr.index, sr.stage, epoch, e, first_step)
+        raise Diverged(e.reason, e.batch, message=text) from None
     report = evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device)
     state.global_epoch += 1
     setup, inputs.setup_seconds = inputs.setup_seconds, 0.0  # reported once, with the stage's first epoch
@@ -302,15 +321,6 @@ def _solve_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tu
         "val_loss": report.loss, "val_acc": report.top1, "val_top5": report.top5, "seconds": seconds,
         "images_per_s": len(targets) / max(seconds, 1e-9), "lrs": {}, "solved": result.to_dict(),
     }, report
-
-
-def _continue_epoch(partial: dict[str, Any], device: torch.device) -> EpochProgress:
-    """The generators and the running sums of an epoch stopped after ``partial["batches"]`` batches."""
-    set_rng_state(partial["rng"], device)
-    begun = EpochProgress(partial["batches"], seconds=partial["seconds"])
-    if current_world().main:  # the sums saved are over all ranks: one rank carries them on
-        begun.loss_sum, begun.correct, begun.seen = partial["loss_sum"], partial["correct"], partial["seen"]
-    return begun
 
 
 def _train_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int, loader: Any,
@@ -382,19 +392,3 @@ def _auto_lr(job: _Fit, stage: StageConfig) -> StageConfig:
         shutil.copyfile(plot, job.run.path / "lr_find.png")  # the report shows the latest one
     job.say(f"   learning-rate range test for stage {stage.name}: suggested lr {result.suggestion:.3g}")
     return dataclasses.replace(stage, lr=result.suggestion)
-
-
-def diverged_text(job: _Fit, sr: StageRun, epoch: int, e: Diverged, first_step: int) -> str:
-    """One line: where training diverged, what was seen, what to do, and what the run folder still holds."""
-    stage = sr.stage
-    where = f"stage {sr.index + 1} ({stage.name}), epoch {epoch + 1}/{stage.epochs}"
-    if e.batch is not None:
-        where += f", step {e.batch} (step {first_step + e.batch} of the run)"
-    lr = stage_lr(stage, job.cfg.train)
-    text = (f"training diverged in {where}: {e.reason}; the learning rate {lr:.3g} is likely too high: "
-            f"lower {lr_flag(job.cfg.train, stage)} or run `headstart lr-find --stage {sr.index + 1}`")
-    if job.run is None:
-        return text
-    if (job.run.path / "last.pt").exists():
-        return text + f"; nothing non-finite was saved: {job.run.path / 'last.pt'} holds the last finite state"
-    return text + "; no checkpoint was written"

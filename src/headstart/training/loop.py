@@ -13,18 +13,21 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from headstart.config import StageConfig
 from headstart.data import DataBundle
 from headstart.errors import HeadstartError
 from headstart.models.network import Network
 from headstart.progress import Progress
 from headstart.runtime.distributed import all_sum
 from headstart.runtime.precision import Precision
+from headstart.training.optim import lr_flag, stage_lr
 
 AUX_WEIGHT = 0.4  # Inception's own recipe for its auxiliary classifiers
 # Below a loss scale of 1 the fp16 scaler is shrinking the gradients to fit them into fp16 at all:
@@ -69,6 +72,23 @@ class Diverged(HeadstartError):
     def __init__(self, reason: str, batch: int | None = None, *, message: str | None = None) -> None:
         super().__init__(message or (reason if batch is None else f"step {batch}: {reason}"))
         self.reason, self.batch = reason, batch
+
+
+def diverged_text(tc: Any, folder: Path | None, index: int, stage: StageConfig, epoch: int, e: Diverged,
+                  first_step: int) -> str:
+    """One line: where training diverged (stage ``index``, 0-based), what was seen, what to do, and what the
+    run ``folder`` still holds."""
+    where = f"stage {index + 1} ({stage.name}), epoch {epoch + 1}/{stage.epochs}"
+    if e.batch is not None:
+        where += f", step {e.batch} (step {first_step + e.batch} of the run)"
+    lr = stage_lr(stage, tc)
+    text = (f"training diverged in {where}: {e.reason}; the learning rate {lr:.3g} is likely too high: "
+            f"lower {lr_flag(tc, stage)} or run `headstart lr-find --stage {index + 1}`")
+    if folder is None:
+        return text
+    if (folder / "last.pt").exists():
+        return text + f"; nothing non-finite was saved: {folder / 'last.pt'} holds the last finite state"
+    return text + "; no checkpoint was written"
 
 
 def weights_finite(net: nn.Module) -> bool:

@@ -25,6 +25,7 @@ from headstart.models.network import Network
 from headstart.runtime.distributed import rank0_decides
 from headstart.runtime.distributed import world as current_world
 from headstart.runtime.precision import Precision
+from headstart.training.loop import EpochProgress
 from headstart.training.optim import stage_rows
 from headstart.training.runs import RunDir
 
@@ -207,3 +208,12 @@ def set_rng_state(st: dict[str, Any], device: torch.device) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if device.type == "cuda" and "cuda" in st:  # a run moved from the GPU to the CPU has none to set
         torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def continue_epoch(partial: dict[str, Any], device: torch.device) -> EpochProgress:
+    """The generators and the running sums of an epoch stopped after ``partial["batches"]`` batches."""
+    set_rng_state(partial["rng"], device)
+    begun = EpochProgress(partial["batches"], seconds=partial["seconds"])
+    if current_world().main:  # the sums saved are over all ranks: one rank carries them on
+        begun.loss_sum, begun.correct, begun.seen = partial["loss_sum"], partial["correct"], partial["seen"]
+    return begun
