@@ -492,3 +492,20 @@ def test_a_run_with_no_epochs_says_it_trained_nothing(tmp_path):
     assert (result.epochs_run, result.best_checkpoint) == (1, run.path / "best.pt")
     with pytest.raises(HeadstartError, match="stage 'head' has -1 epochs.*--epochs"):
         resolve_stages(TrainConfig(epochs=-1), net)
+
+
+def test_fine_tuning_that_harms_is_said_after_the_run_not_hidden_by_best_pt():
+    from headstart.training.console import outcome_lines
+
+    def row(stage, i, epoch, acc, loss):
+        return {"stage": stage, "stage_index": i, "epoch": epoch, "val_acc": acc, "train_loss": loss}
+
+    head = row("head", 0, 1, 0.90, 0.3)
+    assert outcome_lines([head, row("finetune", 1, 1, 0.88, 0.5), row("finetune", 1, 2, 0.93, 0.2)], 10) == []
+    assert outcome_lines([head], 10) == []  # no fine-tuning: nothing to say
+    worse = outcome_lines([head, row("finetune", 1, 1, 0.85, 0.6)], 10)
+    assert len(worse) == 1 and "ended at 85.00%, below the head stage's 90.00%" in worse[0]
+    assert "best.pt holds the best epoch (head epoch 1, 90.00%)" in worse[0]
+    blown = outcome_lines([head, row("finetune", 1, 1, 0.10, 3.7e5), row("finetune", 1, 2, 0.12, 9e4)], 10)
+    assert len(blown) == 2 and "diverged: its training loss reached 3.7e+05 in finetune epoch 1" in blown[0]
+    assert "--finetune-lr" in blown[0]

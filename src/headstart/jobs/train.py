@@ -33,6 +33,7 @@ from headstart.models.network import Network
 from headstart.runtime.device import pick_device, seed_everything
 from headstart.training import fit as fitting
 from headstart.training.budget import parse_duration, with_plan
+from headstart.training.console import outcome_lines
 from headstart.training.fit import FitResult
 from headstart.training.optim import resolve_stages, stage_rows
 from headstart.training.runs import RunDir
@@ -147,6 +148,8 @@ def train(cfg: RunConfig, *, resume: str | Path | None = None, say: Callable[[st
         return result
     say(f"\nfinal validation accuracy {result.final.top1:.2%} (best {result.best_accuracy:.2%}); "
         f"model saved to {result.best_checkpoint}")
+    for line in outcome_lines(result.history, len(data.classes)):
+        say(line)
     if cfg.report:
         _write_report(run, say)
     return result

@@ -1,7 +1,8 @@
-"""The console's lines for a fit: each stage's announcement and each epoch's result."""
+"""The console's lines for a fit: each stage's announcement, each epoch's result, and what fine-tuning did."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from headstart.config import StageConfig
@@ -32,3 +33,27 @@ def epoch_line(row: dict[str, Any], stage: StageConfig) -> str:
     what = "solved" if "solved" in row else f"epoch {row['epoch']}/{stage.epochs}"
     return (f"   {what}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
             f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  ({row['images_per_s']:.0f} img/s){mark}")
+
+
+def outcome_lines(history: list[dict[str, Any]], classes: int) -> list[str]:
+    """What the console adds after the last epoch when fine-tuning did harm: nothing when it did not.
+
+    Best-checkpoint selection keeps such a run's ``best.pt`` at its best epoch, which would hide the
+    harm; these lines say it. A training loss far above a uniform guess's (``ln classes``) is
+    divergence that stayed finite (random weights fine-tuned at a pretrained network's rate reach 1e5).
+    """
+    first = [r for r in history if r.get("stage_index") == 0]
+    later = [r for r in history if (r.get("stage_index") or 0) > 0]
+    if not first or not later:
+        return []
+    out, base, end = [], first[-1]["val_acc"], later[-1]["val_acc"]
+    worst = max(later, key=lambda r: r["train_loss"])
+    if worst["train_loss"] > 10 * math.log(max(2, classes)):
+        out.append(f"   fine-tuning diverged: its training loss reached {worst['train_loss']:.3g} in {worst['stage']} "
+                   f"epoch {worst['epoch']} (a uniform guess scores {math.log(max(2, classes)):.2f}); lower "
+                   "--finetune-lr, or check that the weights are pretrained")
+    if end < base - 0.005:
+        best = max(history, key=lambda r: r["val_acc"])
+        out.append(f"   fine-tuning ended at {end:.2%}, below the {first[-1]['stage']} stage's {base:.2%}: best.pt "
+                   f"holds the best epoch ({best['stage']} epoch {best['epoch']}, {best['val_acc']:.2%})")
+    return out
