@@ -509,3 +509,20 @@ def test_fine_tuning_that_harms_is_said_after_the_run_not_hidden_by_best_pt():
     blown = outcome_lines([head, row("finetune", 1, 1, 0.10, 3.7e5), row("finetune", 1, 2, 0.12, 9e4)], 10)
     assert len(blown) == 2 and "diverged: its training loss reached 3.7e+05 in finetune epoch 1" in blown[0]
     assert "--finetune-lr" in blown[0]
+
+
+def test_patience_counts_epochs_where_neither_accuracy_nor_loss_improved():
+    from headstart.training.state import FitState
+
+    state = FitState()
+    seen = []
+    # clothing-small's budget stage: accuracy dips at epochs 2 and 4 while the loss keeps falling
+    for acc, loss in [(0.8475, 0.466), (0.8446, 0.450), (0.8768, 0.403), (0.8651, 0.381), (0.8886, 0.358)]:
+        state.track_best({"val_acc": acc, "val_loss": loss}, patience=1)
+        seen.append(state.stopped)
+    assert seen == [False] * 5 and state.stage_best == 0.8886
+    state.track_best({"val_acc": 0.88, "val_loss": 0.36}, patience=1)  # neither improved
+    assert state.stopped and state.bad_epochs == 1
+    state.next_stage(0)
+    state.track_best({"val_acc": 0.5, "val_loss": 2.0}, patience=1)  # a new stage starts its own counts
+    assert not state.stopped and state.stage_best_loss == 2.0 and state.best == 0.8886

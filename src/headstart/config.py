@@ -179,7 +179,8 @@ class TrainConfig:
     stages: list[StageConfig] = setting(factory=list, flag=None, shown="the two phases above",
                                         help="explicit stages (YAML), replacing the phases above")
     patience: int | None = setting(None, at_least=1, shown="off",
-                                   help="stop a stage after N epochs without improvement")
+                                   help="stop a stage after N epochs without improvement (neither a higher "
+                                        "validation accuracy nor a lower validation loss than the stage's best)")
     # See training/budget.py for how the plan is chosen.
     budget: str | None = setting(None, shown="off",
                                  help="wall-time budget of the run (15m, 1h, 1h30m): after the head stage, "

@@ -6,7 +6,7 @@ trained from the cached output of the frozen first part of the body (whose one-o
 counted), or the whole network. :func:`choose` then takes the deepest plan that still fits
 :data:`MIN_EPOCHS` epochs into what is left of the budget, and failing that the plan that fits the
 most epochs; at most :data:`MAX_EPOCHS`. The chosen stage stops early after :data:`PATIENCE` epochs
-without a better validation accuracy, and any stage stops when the next epoch would not fit.
+without a better validation accuracy or loss, and any stage stops when the next epoch would not fit.
 After the chosen stage's first epoch, :func:`replan` sets its length again from that epoch's real
 time: a few timed steps are a noisy, high estimate (on clothing-small a MobileNetV2 epoch was put
 at 206-217 s and ran 130 s, so 3 epochs were planned and the run stopped at 8 of 15 minutes).

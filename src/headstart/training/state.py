@@ -10,6 +10,7 @@ those batches without loading their images and carries on. The checkpoint's ``tr
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field, fields
@@ -49,15 +50,17 @@ class StageRun:
 class FitState:
     """Where a fit stands: the stage and epoch to train next, the best results so far, the history.
 
-    ``best`` is the run's best validation accuracy (what ``best.pt`` holds), ``stage_best`` and
-    ``bad_epochs`` the current stage's (for early stopping). ``global_epoch`` and ``step`` count
-    epochs and optimizer steps over the whole run; ``seconds`` is the training time so far.
+    ``best`` is the run's best validation accuracy (what ``best.pt`` holds), ``stage_best``,
+    ``stage_best_loss`` and ``bad_epochs`` the current stage's (for early stopping). ``global_epoch``
+    and ``step`` count epochs and optimizer steps over the whole run; ``seconds`` is the training
+    time so far.
     """
 
     stage: int = 0
     epoch: int = 0
     best: float = -1.0
     stage_best: float = -1.0
+    stage_best_loss: float = math.inf
     bad_epochs: int = 0
     stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -99,21 +102,29 @@ class FitState:
     def next_stage(self, index: int) -> None:
         """Move on to the stage after ``index``: fresh optimizer and early-stopping counts."""
         self.stage, self.epoch, self.stopped, self.bad_epochs, self.stage_best = index + 1, 0, False, 0, -1.0
+        self.stage_best_loss = math.inf
         self.optimizer = self.scheduler = self.scaler = self.partial = None
 
     def track_best(self, row: dict[str, Any], patience: int | None) -> None:
         """Best accuracy of the run (for best.pt) and of the stage (for early stopping).
 
         Patience counts epochs without improvement *within the stage*: fine-tuning often dips
-        before it beats the head stage, and must not be stopped for that.
+        before it beats the head stage, and must not be stopped for that. An epoch improves when
+        its validation accuracy is the stage's best or its validation loss the stage's lowest: on a
+        few hundred validation images accuracy moves in steps of a few images while the loss still
+        falls (clothing-small's budget run: accuracy 87.7, 86.5, 88.9, 89.4 with the loss falling
+        throughout; accuracy alone would have stopped it one epoch before its best).
         """
         row["best"] = row["val_acc"] > self.best
         if row["best"]:
             self.best = row["val_acc"]
-        if row["val_acc"] > self.stage_best:
-            self.stage_best, self.bad_epochs = row["val_acc"], 0
+        better_loss = row["val_loss"] < self.stage_best_loss
+        if row["val_acc"] > self.stage_best or better_loss:
+            self.bad_epochs = 0
         else:
             self.bad_epochs += 1
+        self.stage_best = max(self.stage_best, row["val_acc"])
+        self.stage_best_loss = min(self.stage_best_loss, row["val_loss"])
         stop = patience is not None and self.bad_epochs >= patience
         self.stopped = rank0_decides(stop)  # under torchrun all ranks must leave the stage together
 
