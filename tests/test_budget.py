@@ -10,7 +10,16 @@ from headstart.errors import HeadstartError
 from headstart.jobs.train import prepare
 from headstart.training import budget
 from headstart.training import fit as fit_module
-from headstart.training.budget import MAX_EPOCHS, MIN_EPOCHS, Candidate, Plan, choose, parse_duration, replan
+from headstart.training.budget import (
+    MAX_EPOCHS,
+    MIN_EPOCHS,
+    PREFIX_VIEWS,
+    Candidate,
+    Plan,
+    choose,
+    parse_duration,
+    replan,
+)
 from headstart.training.fit import fit
 
 
@@ -28,11 +37,13 @@ def plans() -> list[Candidate]:
             Candidate(5, 5, extract_s=0, epoch_s=100)]
 
 
-def test_the_deepest_plan_that_fits_three_epochs_is_chosen():
-    chosen = choose(plans(), left_s=400)  # the whole network fits 4 epochs
-    assert chosen is not None and chosen.groups == 5 and chosen.epochs == 4
-    chosen = choose(plans(), left_s=200)  # only 2 of the whole network: the last 2 groups fit 9
-    assert chosen is not None and chosen.groups == 2 and chosen.epochs == 9
+def test_the_deepest_plan_that_fits_eight_epochs_is_chosen_else_the_deepest_with_three():
+    chosen = choose(plans(), left_s=900)  # the whole network fits 9 epochs
+    assert chosen is not None and chosen.groups == 5 and chosen.epochs == 9
+    chosen = choose(plans(), left_s=400)  # the whole network fits 4, the last 2 groups 12: long before deep
+    assert chosen is not None and chosen.groups == 2 and chosen.epochs == MAX_EPOCHS
+    chosen = choose(plans(), left_s=100)  # none fits 8: the last 2 fit 4, the last 1 fits 7
+    assert chosen is not None and chosen.groups == 2 and chosen.epochs == 4 >= MIN_EPOCHS
 
 
 def test_a_tight_budget_picks_the_cheaper_plan_and_none_when_nothing_fits():
@@ -51,19 +62,30 @@ def chosen_plan(left_s: float) -> dict:
 
 
 def test_the_planned_length_is_refitted_once_to_the_first_epochs_real_time():
-    plan = chosen_plan(400)  # the whole network, 4 epochs of an estimated 100 s
-    # It ran in 60 s and 340 s are left: 5 more fit, 6 in all; the estimate stays on record.
-    assert "now runs 6 epoch(s), not 4" in replan(plan, epoch_s=60, left_s=340, done=1)
-    assert plan["epochs"] == 6 and plan["candidates"][plan["chosen"]]["epochs"] == 4
-    assert plan["refit"] == {"after": 1, "epoch_s": 60, "planned": 4, "epochs": 6}
-    assert replan(plan, epoch_s=10, left_s=340, done=2) is None and plan["epochs"] == 6  # only once
-    slow = chosen_plan(400)  # it ran in 150 s: 250 s left hold one more, not three
-    assert "now runs 2 epoch(s), not 4" in replan(slow, epoch_s=150, left_s=250, done=1)
-    fast = chosen_plan(400)
-    replan(fast, epoch_s=1, left_s=340, done=1)
+    plan = chosen_plan(900)  # the whole network, 9 epochs of an estimated 100 s
+    # It ran in 80 s and 790 s are left: 9 more fit, 10 in all; the estimate stays on record.
+    assert "now runs 10 epoch(s), not 9" in replan(plan, epoch_s=80, left_s=790, done=1)
+    assert plan["epochs"] == 10 and plan["candidates"][plan["chosen"]]["epochs"] == 9
+    assert plan["refit"] == {"after": 1, "epoch_s": 80, "view_s": 0.0, "planned": 9, "epochs": 10}
+    assert replan(plan, epoch_s=10, left_s=790, done=2) is None and plan["epochs"] == 10  # only once
+    slow = chosen_plan(900)  # it ran in 150 s: 750 s left hold 5 more, not 8
+    assert "now runs 6 epoch(s), not 9" in replan(slow, epoch_s=150, left_s=750, done=1)
+    fast = chosen_plan(900)
+    replan(fast, epoch_s=1, left_s=800, done=1)
     assert fast["epochs"] == MAX_EPOCHS
-    same = chosen_plan(400)
-    assert replan(same, epoch_s=100, left_s=300, done=1) is None and "epochs" not in same
+    same = chosen_plan(900)
+    assert replan(same, epoch_s=100, left_s=800, done=1) is None and "epochs" not in same
+
+
+def test_a_refit_counts_the_cached_views_still_to_extract():
+    cs = [Candidate(3, 5, extract_s=150, epoch_s=10, views=5), Candidate(5, 5, extract_s=0, epoch_s=100)]
+    plan = Plan(1000, 300, cs, choose(cs, 300)).to_dict()
+    assert plan["chosen"] == 0  # the whole network fits 3 epochs, the prefix plan 12
+    # Epochs 2-5 each extract a view first (30 s, as the first one took): 9 epochs cost 8 x 10 + 4 x 30.
+    assert "now runs 9 epoch(s)" in replan(plan, epoch_s=10, left_s=200, done=1, view_s=30)
+    no_views = Plan(1000, 300, cs, choose(cs, 300)).to_dict()
+    replan(no_views, epoch_s=10, left_s=200, done=1)
+    assert no_views["refit"]["epochs"] == MAX_EPOCHS  # without the views: as planned
 
 
 class FakeClock:
@@ -104,30 +126,36 @@ def run_on_fake_clock(tmp_path, monkeypatch, budget_text: str, real: float = 1.0
 
 
 def test_a_run_stays_within_its_budget_and_shows_the_plan(tmp_path, monkeypatch):
-    result, took, text = run_on_fake_clock(tmp_path, monkeypatch, "15m")
+    result, took, text = run_on_fake_clock(tmp_path, monkeypatch, "30m")
     assert result.plan is not None
     chosen = result.plan["candidates"][result.plan["chosen"]]
-    # 900 s: the whole network costs 200 s an epoch, so it fits 4 epochs: it is the deepest with 3.
-    assert chosen["groups"] == 5 and chosen["epochs"] == 4
-    assert took <= 900 * 1.1
+    # 1,800 s: the whole network costs 200 s an epoch, so it fits 9 epochs: the deepest with 8.
+    assert chosen["groups"] == 5 and chosen["epochs"] == 9
+    assert took <= 1800 * 1.1
     assert "fine-tuning plans, timed over a few steps" in text and "<- chosen" in text
     finetune = [r for r in result.history if r["stage"] == "finetune"]
-    assert 1 <= len(finetune) <= 4
+    assert 1 <= len(finetune) <= 9
+    # At 15 minutes the whole network fits 4 epochs, the last 3 groups (on 5 cached views) 12.
+    result, took, text = run_on_fake_clock(tmp_path, monkeypatch, "15m")
+    chosen = result.plan["candidates"][result.plan["chosen"]]
+    assert chosen["groups"] == 3 and chosen["views"] == PREFIX_VIEWS and "(5 views)" in text
+    assert took <= 900 * 1.1
 
 
 def test_a_stage_faster_than_estimated_runs_longer_on_a_refitted_schedule(tmp_path, monkeypatch):
     # The whole network's epochs take half the 200 s its timed steps promised.
-    result, took, text = run_on_fake_clock(tmp_path, monkeypatch, "15m", real=0.5, **{"train.patience": 50})
+    result, took, text = run_on_fake_clock(tmp_path, monkeypatch, "27m", real=0.5, **{"train.patience": 50})
     plan = result.plan
-    assert plan["candidates"][plan["chosen"]]["epochs"] == 4 and plan["refit"]["epoch_s"] == 100
-    assert plan["epochs"] == 9  # 1 done, then 800 s left: 8 more
+    assert plan["candidates"][plan["chosen"]]["epochs"] == 8 and plan["refit"]["epoch_s"] == 100
+    assert plan["candidates"][plan["chosen"]]["groups"] == 5
+    assert plan["epochs"] == MAX_EPOCHS  # 1 done, then 1,520 s left: 15 more, at most 12 in all
     finetune = [r for r in result.history if r["stage"] == "finetune"]
-    assert len(finetune) == 9 and took <= 900
-    assert "now runs 9 epoch(s), not 4" in text and "epoch 9/9" in text
-    # The warm-up (half the stage) now spans 4.5 epochs: the rate still rises at the 4th and 5th epochs'
-    # starts, where the planned 4-epoch schedule was already decaying, and it decays to the end.
+    assert len(finetune) == MAX_EPOCHS and took <= 27 * 60
+    assert "now runs 12 epoch(s), not 8" in text and "epoch 12/12" in text
+    # The warm-up (half the stage) now spans 6 epochs: the rate still rises at the 5th and 6th epochs'
+    # starts, where the planned 8-epoch schedule was already decaying, and it decays to the end.
     lr = [max(r["lrs"].values()) for r in finetune]
-    assert lr[2] < lr[3] < lr[4] and lr[5] > lr[6] > lr[7] > lr[8] > 0
+    assert lr[3] < lr[4] < lr[5] and lr[6] > lr[7] > lr[8] > lr[9] > lr[10] > lr[11] > 0
 
 
 def test_a_tight_budget_fine_tunes_the_last_groups_only(tmp_path, monkeypatch):
@@ -156,6 +184,7 @@ def test_plans_are_timed_for_real_on_a_copy_that_leaves_the_network_alone(tmp_pa
     candidates = budget.measure_plans(net, data, cfg, torch.device("cpu"))
     assert [c.groups for c in candidates] == [1, 2, 3, 5]
     assert all(c.epoch_s > 0 for c in candidates)
+    assert [c.views for c in candidates] == [PREFIX_VIEWS] * 3 + [1]  # prefix plans train on augmented views
     assert all(c.extract_s > 0 for c in candidates[:-1]) and candidates[-1].extract_s == 0  # the whole network: none
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
@@ -204,10 +233,10 @@ def test_the_report_says_what_the_budget_chose_and_what_its_first_epoch_changed(
     from headstart.report.choices import budget_notes
     from headstart.report.run import RunRecord
 
-    plan = chosen_plan(400)
-    replan(plan, epoch_s=60, left_s=340, done=1)
+    plan = chosen_plan(900)
+    replan(plan, epoch_s=80, left_s=790, done=1)
     history = [{"stage": "head"}] + [{"stage": "finetune"}] * 6
     html = budget_notes(RunRecord(tmp_path, summary={"budget_plan": plan, "wall_seconds": 420}, history=history))
     assert "the whole network (chosen)" in html and "Fine-tuning ran 6 epoch(s)" in html
-    assert "set to 6 epoch(s) instead of 4" in html
-    assert "first epoch" not in budget_notes(RunRecord(tmp_path, summary={"budget_plan": chosen_plan(400)}))
+    assert "set to 10 epoch(s) instead of 9" in html
+    assert "first epoch" not in budget_notes(RunRecord(tmp_path, summary={"budget_plan": chosen_plan(900)}))

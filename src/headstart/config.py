@@ -117,6 +117,9 @@ class StageConfig:
                                    help="fraction of the stage's steps spent warming up")
     bn: str = setting("frozen", choices=BN_POLICIES, help="BatchNorm in frozen parts: frozen (eval mode), "
                       "train (statistics update) or eval-all (every BatchNorm in eval mode, tiny batches)")
+    views: int | None = setting(None, at_least=1, shown="cache.views",
+                                help="cached views of the stage's frozen part (1: plain; more: augmented "
+                                     "copies, cycled by epoch)")
     solve: bool = setting(False, help="after the stage's epochs, fit the head's final layer to convergence "
                           "on the frozen body's features (L-BFGS, weight decay by cross-validation on the "
                           "training split): one more epoch row; needs a frozen body and a Linear final layer")

@@ -2,18 +2,18 @@
 
 After the head stage, :func:`measure_plans` times each candidate fine-tuning plan over a few real
 training steps on a copy of the network (the trained one is not touched): the last K depth groups,
-trained from the cached output of the frozen first part of the body (whose one-off extraction is
-counted), or the whole network. :func:`choose` then takes the deepest plan that still fits
-:data:`MIN_EPOCHS` epochs into what is left of the budget, and failing that the plan that fits the
-most epochs; at most :data:`MAX_EPOCHS`. The chosen stage stops early after :data:`PATIENCE` epochs
-without a better validation accuracy or loss, and any stage stops when the next epoch would not fit.
-After the chosen stage's first epoch, :func:`replan` sets its length again from that epoch's real
-time: a few timed steps are a noisy, high estimate (on clothing-small a MobileNetV2 epoch was put
-at 206-217 s and ran 130 s, so 3 epochs were planned and the run stopped at 8 of 15 minutes).
+trained from the cached output of the frozen first part of the body on :func:`prefix_views` views
+(augmented copies; their one-off extraction is counted), or the whole network. :func:`choose` then
+takes the deepest plan that fits :data:`LONG_EPOCHS` epochs into what is left of the budget, else
+the deepest that fits :data:`MIN_EPOCHS`, else the plan that fits the most epochs; at most
+:data:`MAX_EPOCHS`. The chosen stage stops early after :data:`PATIENCE` epochs without a better
+validation accuracy or loss, and any stage stops when the next epoch would not fit. After the
+chosen stage's first epoch, :func:`replan` sets its length again from that epoch's real time and
+the first view's real extraction time: a few timed steps are a noisy estimate (on clothing-small a
+MobileNetV2 epoch was put at 181-217 s and ran 130-140 s; a prefix view at 21 s and took 70 s).
 
-Why "deepest that fits a few epochs": on a CPU the whole network trains 3-6x slower than its last
-groups from the cached prefix, and on the CIFAR subset the last 3 groups for 8 epochs (87.5%) beat
-the whole network for the 2 epochs that fit the same 15 minutes (85.7%; bench/README.md, section 4).
+Why "long before deep": on a CPU the whole network trains 3-6x slower than its last groups from
+the cached prefix, and the epochs that fit matter more than the depth (see :func:`choose`).
 
 All timing goes through :func:`now`, so tests can run the planner and the deadline on a fake clock.
 """
@@ -39,7 +39,9 @@ from headstart.models.network import Network
 from headstart.training.optim import apply_stage, build_optimizer, finetune_stage
 
 MIN_EPOCHS = 3
+LONG_EPOCHS = 8  # a plan that fits this many epochs beats a deeper one that fits fewer (see choose)
 MAX_EPOCHS = 12
+PREFIX_VIEWS = 5  # cached views a prefix plan trains on, with augmentation on: 1 plain + 4 augmented
 PATIENCE = 2
 SLACK = 0.05  # an epoch may end this fraction of the budget past its end
 PLANNED = "finetune"  # the planned stage's name, as the two-phase schedule names fine-tuning
@@ -72,6 +74,7 @@ class Candidate:
     extract_s: float
     epoch_s: float
     epochs: int = 0  # how many fit in the time left (set by ``choose``)
+    views: int = 1  # cached views of the frozen prefix, extracted once each (``extract_s`` counts them all)
 
     @property
     def name(self) -> str:
@@ -96,7 +99,8 @@ class Plan:
                "fine-tuning plans, timed over a few steps:"]
         for c in self.candidates:
             mark = "  <- chosen" if c is self.chosen else ""
-            out.append(f"   {c.name:<26} {c.extract_s:7.0f}s once + {c.epoch_s:6.0f}s/epoch -> "
+            views = f" ({c.views} views)" if c.views > 1 else ""
+            out.append(f"   {c.name + views:<36} {c.extract_s:7.0f}s once + {c.epoch_s:6.0f}s/epoch -> "
                        f"{c.epochs} epoch(s) fit{mark}")
         if self.chosen is None:
             out.append("   no plan fits one epoch in the time left: the head stage's model is the result")
@@ -109,12 +113,20 @@ class Plan:
 
 
 def choose(candidates: list[Candidate], left_s: float) -> Candidate | None:
-    """The deepest plan that fits MIN_EPOCHS epochs in ``left_s``, else the one that fits the most (ties: deeper)."""
+    """The deepest plan that fits LONG_EPOCHS epochs in ``left_s``, else the deepest that fits MIN_EPOCHS,
+    else the one that fits the most (ties: deeper).
+
+    Why long before deep: on clothing-small (MobileNetV2, 15 minutes on 2 cores) the last 3 of 6
+    groups on 5 cached views for 10 epochs reached 90.3% in 10.3 minutes, the whole network for
+    the 6 epochs that fit 89.4% in 14.4 (bench/README.md, section 4); on the CIFAR subset the last
+    3 groups for 8 epochs 87.5%, the whole network for 2 epochs 85.7%.
+    """
     for c in candidates:
         c.epochs = min(MAX_EPOCHS, max(0, int((left_s - c.extract_s) // c.epoch_s))) if c.epoch_s > 0 else 0
-    fitting = [c for c in candidates if c.epochs >= MIN_EPOCHS]
-    if fitting:
-        return max(fitting, key=lambda c: c.groups)
+    for enough in (LONG_EPOCHS, MIN_EPOCHS):
+        fitting = [c for c in candidates if c.epochs >= enough]
+        if fitting:
+            return max(fitting, key=lambda c: c.groups)
     some = [c for c in candidates if c.epochs >= 1]
     return max(some, key=lambda c: (c.epochs, c.groups)) if some else None
 
@@ -126,23 +138,29 @@ def planned_stage(plan: dict[str, Any], net: Network, cfg: RunConfig) -> StageCo
     c = plan["candidates"][plan["chosen"]]
     tc = cfg.train
     k = "all" if c["groups"] >= c["of"] else c["groups"]
-    return finetune_stage(tc, PLANNED, plan.get("epochs", c["epochs"]), unfreeze_last(net, k))
+    stage = finetune_stage(tc, PLANNED, plan.get("epochs", c["epochs"]), unfreeze_last(net, k))
+    return dataclasses.replace(stage, views=c["views"]) if c.get("views", 1) > 1 else stage
 
 
-def replan(plan: dict[str, Any], epoch_s: float, left_s: float, done: int) -> str | None:
+def replan(plan: dict[str, Any], epoch_s: float, left_s: float, done: int, view_s: float = 0.0) -> str | None:
     """Once, after the planned stage's first ``done`` epoch(s): its length refitted to an epoch's real time.
 
     Sets ``plan["epochs"]`` (what :func:`planned_stage` runs from then on, and what a resumed
-    run rebuilds) to the epochs done and as many more of ``epoch_s`` as fit in ``left_s`` (at
-    most :data:`MAX_EPOCHS`), and records what it saw. The console's line, or None when already
-    refitted or the planned length stands.
+    run rebuilds) to the most epochs, at most :data:`MAX_EPOCHS`, whose remaining ones fit in
+    ``left_s`` at ``epoch_s`` each, plus ``view_s`` (the first view's real extraction time) for
+    each cached view they will extract first; and records what it saw. The console's line, or
+    None when already refitted or the planned length stands.
     """
     if plan.get("chosen") is None or "refit" in plan:
         return None
     c = plan["candidates"][plan["chosen"]]
-    planned = plan.get("epochs", c["epochs"])
-    epochs = min(MAX_EPOCHS, done + max(0, int(left_s // epoch_s))) if epoch_s > 0 else planned
-    plan["refit"] = {"after": done, "epoch_s": epoch_s, "planned": planned, "epochs": epochs}
+    planned, views = plan.get("epochs", c["epochs"]), c.get("views", 1)
+
+    def cost(epochs: int) -> float:  # epoch e trains on view e mod views, extracted when first needed
+        return (epochs - done) * epoch_s + (min(views, epochs) - min(views, done)) * view_s
+
+    epochs = planned if epoch_s <= 0 else max([done] + [e for e in range(done, MAX_EPOCHS + 1) if cost(e) <= left_s])
+    plan["refit"] = {"after": done, "epoch_s": epoch_s, "view_s": view_s, "planned": planned, "epochs": epochs}
     if epochs == planned:
         return None
     plan["epochs"] = epochs
@@ -169,18 +187,31 @@ def measure_plans(net: Network, data: DataBundle, cfg: RunConfig, device: torch.
     per_load = (now() - start) / len(x)  # decoding and transforming an image: paid wherever images are read
     x, y = x.to(device), y.to(device)
     n = len(net.groups)
-    views = (cfg.cache.views if cfg.data.augment else 1) if cfg.cache.enabled else 0
-    images = len(data.train) * max(1, views) + len(data.val)  # what a prefix cache extracts once
+    views = prefix_views(cfg)
+    images = len(data.train) * views + len(data.val)  # what a prefix cache extracts once
     candidates = []
     for k in candidate_groups(n):
         per_prefix, per_step, per_val = _time_plan(net, cfg, k, x, y)
         batches = max(1, len(data.train) // cfg.data.batch_size)
         epoch = batches * per_step + len(data.val) * per_val
         if per_prefix:
-            candidates.append(Candidate(k, n, (per_prefix + per_load) * images, epoch))
+            candidates.append(Candidate(k, n, (per_prefix + per_load) * images, epoch, views=views))
         else:  # the images are read, decoded and transformed every epoch
             candidates.append(Candidate(k, n, 0.0, epoch + per_load * (len(data.train) + len(data.val))))
     return candidates
+
+
+def prefix_views(cfg: RunConfig) -> int:
+    """The cached views a prefix plan trains on: ``cache.views`` when set above 1, else :data:`PREFIX_VIEWS`;
+    1 without augmentation.
+
+    The solved head already fits the plain view's features (98-99% training accuracy on
+    clothing-small), so a prefix plan on that one view has little left to learn: Lite1's last 4 of 8
+    groups on it ended at 88.0% against its head stage's 88.6%.
+    """
+    if not cfg.data.augment:
+        return 1
+    return cfg.cache.views if cfg.cache.views > 1 else PREFIX_VIEWS
 
 
 def make_plan(net: Network, data: DataBundle, cfg: RunConfig, device: torch.device, deadline: Deadline) -> Plan:

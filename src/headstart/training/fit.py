@@ -198,7 +198,7 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
     plan = describe_stage(job.net, stage, job.cfg)  # applies the stage: freezing, BatchNorm policy, aux heads
     for line in stage_lines(plan, si, n):
         job.say(line)
-    inputs = StageInputs(job.net, job.data, job.cfg, job.device, job.say, job.body_engine)
+    inputs = StageInputs(job.net, job.data, job.cfg, job.device, job.say, job.body_engine, stage.views)
     sr = _stage_run(job, si, stage, inputs)
     if state.partial:
         job.say(f"   continuing epoch {state.epoch + 1}/{stage.epochs} after its first "
@@ -215,9 +215,9 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
         run_row = _solve_epoch if epoch == sr.stage.epochs else _run_epoch  # a solving stage ends with its solve
         row, final = run_row(job, sr, inputs, epoch)
         if state.plan is not None and stage.name == PLANNED and job.deadline is not None:
-            _refit(job, sr, budget.now() - began, epoch + 1)  # before last.pt keeps the plan
+            _refit(job, sr, budget.now() - began, epoch + 1, row["setup_seconds"])  # before last.pt keeps it
         _end_epoch(job, sr, epoch, row)
-        took = budget.now() - began
+        took = budget.now() - began - inputs.view_seconds  # a view's one-off extraction is not an epoch's
         if state.stopped:
             unsolved = epoch < sr.stage.epochs and sr.stage.solve
             skipped = " (the head's final layer is left as trained, not solved)" if unsolved else ""
@@ -227,10 +227,10 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
     return final
 
 
-def _refit(job: _Fit, sr: StageRun, epoch_s: float, done: int) -> None:
+def _refit(job: _Fit, sr: StageRun, epoch_s: float, done: int, view_s: float) -> None:
     """The budget's stage with the length :func:`budget.replan` sets, and its schedule, at the same step, over it."""
     assert job.deadline is not None and job.state.plan is not None
-    line = budget.replan(job.state.plan, epoch_s, job.deadline.left(), done)
+    line = budget.replan(job.state.plan, epoch_s, job.deadline.left(), done, view_s)
     if line is None:
         return
     job.say(line)

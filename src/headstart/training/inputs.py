@@ -48,9 +48,13 @@ class StageInputs:
     """
 
     def __init__(self, net: Network, data: DataBundle, cfg: RunConfig, device: torch.device,
-                 say: Callable[[str], None], body_engine: BodyEngine | None = None) -> None:
+                 say: Callable[[str], None], body_engine: BodyEngine | None = None,
+                 views: int | None = None) -> None:
         self.net, self.data, self.cfg, self.device = net, data, cfg, device
         tc = cfg.train
+        # Augmented views only when augmentation is on: --no-augment means plain features only.
+        self.n_views = max(1, (views or cfg.cache.views) if cfg.data.augment else 1)
+        self.view_seconds = 0.0  # extracting the view the current epoch cycled to (0: it was cached)
         self.precision = resolve_precision(tc.precision, device)
         self.channels_last = tc.channels_last if tc.channels_last is not None else device.type == "cuda"
         if self.channels_last:
@@ -97,8 +101,7 @@ class StageInputs:
         x = x.to(self.device)
         with torch.inference_mode(), self.precision.autocast():
             per_image = net.eval().run_steps(x, 0, cut).numel() * 4
-        views = (cfg.cache.views if cfg.data.augment else 1) + 1
-        need = per_image * (len(self.data.train) * (views - 1) + len(self.data.val))
+        need = per_image * (len(self.data.train) * self.n_views + len(self.data.val))
         if need > cfg.cache.max_gb * 2**30:
             say(f"   frozen first part not cached: its output would take {need / 2**30:.1f} GB "
                 f"(cache.max_gb is {cfg.cache.max_gb:g}); the whole network runs every epoch")
@@ -137,11 +140,12 @@ class StageInputs:
         """The training set of ``epoch``: the images, or the cached view the epoch cycles to."""
         if not self.cached:
             return self.data.train
-        # Augmented views only when augmentation is on: --no-augment means plain features only.
-        views = self.cfg.cache.views if self.cfg.data.augment else 1
-        view = epoch % max(1, views)
+        view = epoch % self.n_views
+        self.view_seconds = 0.0
         if view not in self.views:
+            start = time.perf_counter()
             self.views[view] = self._features(self.data.train, view, "train")
+            self.view_seconds = time.perf_counter() - start
         return self.views[view]
 
     def solve_features(self) -> tuple[np.ndarray, list[int]]:
