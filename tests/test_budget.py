@@ -104,8 +104,8 @@ def run_on_fake_clock(tmp_path, monkeypatch, budget_text: str, real: float = 1.0
     monkeypatch.setattr(budget, "now", clock)
     # Measured costs per plan (prefix seconds per image, seconds per step, per validated image):
     # the whole network (5 groups of resnet18) is 10x dearer per step than the last groups.
-    monkeypatch.setattr(budget, "_time_plan",
-                        lambda net, cfg, k, x, y: (0.0, 50.0, 0.0) if k >= len(net.groups) else (0.01, 5.0, 0.0))
+    monkeypatch.setattr(budget, "_time_plan", lambda net, cfg, k, x, y: (
+        (0.0, 50.0, 0.0, 0) if k >= len(net.groups) else (0.01, 5.0, 0.0, 1000)))
     real_epoch = fit_module._run_epoch
 
     def epoch_with_cost(job, sr, inputs, epoch):
@@ -189,6 +189,22 @@ def test_plans_are_timed_for_real_on_a_copy_that_leaves_the_network_alone(tmp_pa
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
+def test_prefix_plans_keep_the_views_whose_cache_fits_and_are_dropped_when_none_fits(tmp_path, monkeypatch):
+    base = {"model.name": "resnet18", "model.weights": "none", "model.input_size": 32, "data.source": "digits",
+            "data.limit_train": 64, "data.limit_val": 32, "data.batch_size": 16, "train.progress": False,
+            "train.device": "cpu", "cache.dir": str(tmp_path / "cache"), "cache.max_gb": 1.0}
+    cfg = apply_overrides(RunConfig(), base)
+    net, data = prepare(cfg)
+    # Bytes per image of each prefix: the last 1 group's is too big for one view, the last 2's fits 2 views.
+    sizes = {1: 2**30, 2: 2**30 // (64 * 2 + 32), 3: 1000}
+    monkeypatch.setattr(budget, "_time_plan", lambda net, cfg, k, x, y: (
+        (0.0, 5.0, 0.0, 0) if k >= len(net.groups) else (0.01, 1.0, 0.0, sizes[k])))
+    candidates = budget.measure_plans(net, data, cfg, torch.device("cpu"))
+    assert [(c.groups, c.views) for c in candidates] == [(2, 2), (3, PREFIX_VIEWS), (5, 1)]
+    two, five = candidates[0], candidates[1]
+    assert two.extract_s / five.extract_s == pytest.approx((64 * 2 + 32) / (64 * PREFIX_VIEWS + 32), rel=1e-6)
+
+
 def test_a_resumed_budget_run_keeps_its_plan(tmp_path, monkeypatch):
     """Stopped in the planned stage, the run resumes into the same stage, refitted length included: the planner
     does not run again."""
@@ -196,7 +212,7 @@ def test_a_resumed_budget_run_keeps_its_plan(tmp_path, monkeypatch):
 
     clock = FakeClock()
     monkeypatch.setattr(budget, "now", clock)
-    monkeypatch.setattr(budget, "_time_plan", lambda net, cfg, k, x, y: (0.01, 5.0, 0.0))
+    monkeypatch.setattr(budget, "_time_plan", lambda net, cfg, k, x, y: (0.01, 5.0, 0.0, 1000))
     real_epoch, seen = fit_module._run_epoch, []
 
     def epoch_then_stop(job, sr, inputs, epoch):

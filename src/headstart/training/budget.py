@@ -24,11 +24,14 @@ import copy
 import dataclasses
 import math
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from headstart.config import RunConfig, StageConfig
@@ -36,6 +39,7 @@ from headstart.data import DataBundle, make_loader
 from headstart.errors import HeadstartError
 from headstart.models.freeze import unfreeze_last
 from headstart.models.network import Network
+from headstart.training.cache import cache_root
 from headstart.training.optim import apply_stage, build_optimizer, finetune_stage
 
 MIN_EPOCHS = 3
@@ -188,14 +192,18 @@ def measure_plans(net: Network, data: DataBundle, cfg: RunConfig, device: torch.
     x, y = x.to(device), y.to(device)
     n = len(net.groups)
     views = prefix_views(cfg)
-    images = len(data.train) * views + len(data.val)  # what a prefix cache extracts once
     candidates = []
     for k in candidate_groups(n):
-        per_prefix, per_step, per_val = _time_plan(net, cfg, k, x, y)
+        per_prefix, per_step, per_val, per_bytes = _time_plan(net, cfg, k, x, y)
         batches = max(1, len(data.train) // cfg.data.batch_size)
         epoch = batches * per_step + len(data.val) * per_val
         if per_prefix:
-            candidates.append(Candidate(k, n, (per_prefix + per_load) * images, epoch, views=views))
+            # The views whose cache fits cache.max_gb (as the stage checks it); none: the plan is not offered.
+            fit = int((cfg.cache.max_gb * 2**30 / per_bytes - len(data.val)) // len(data.train))
+            if fit >= 1:
+                kept = min(views, fit)
+                cost = (per_prefix + per_load) * (len(data.train) * kept + len(data.val))
+                candidates.append(Candidate(k, n, cost, epoch, views=kept))
         else:  # the images are read, decoded and transformed every epoch
             candidates.append(Candidate(k, n, 0.0, epoch + per_load * (len(data.train) + len(data.val))))
     return candidates
@@ -221,8 +229,10 @@ def make_plan(net: Network, data: DataBundle, cfg: RunConfig, device: torch.devi
     return Plan(deadline.budget_s, left, candidates, choose(candidates, left))
 
 
-def _time_plan(net: Network, cfg: RunConfig, k: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-    """Seconds per image of the frozen prefix (0: none is cached), per training step, per validated image."""
+def _time_plan(net: Network, cfg: RunConfig, k: int, x: torch.Tensor,
+               y: torch.Tensor) -> tuple[float, float, float, int]:
+    """Seconds per image of the frozen prefix, its output written to disk as the cache writes it (0: none is
+    cached), per training step and per validated image; and the bytes the prefix's output takes per image."""
     probe = copy.deepcopy(net)
     tc = cfg.train
     stage = finetune_stage(tc, "probe", 1, unfreeze_last(probe, "all" if k >= len(net.groups) else k))
@@ -233,6 +243,7 @@ def _time_plan(net: Network, cfg: RunConfig, k: int, x: torch.Tensor, y: torch.T
         start = now()
         a = probe.eval().run_steps(x, 0, cut) if cut else x
         if cut:
+            _write_like_the_cache(a, cache_root(cfg.cache.dir))
             per_prefix = (now() - start) / len(x)
     a = a.clone()
     rest: Callable[[torch.Tensor], torch.Tensor] = (lambda t: probe.head(probe.run_steps(t, cut))) if cut else probe
@@ -252,7 +263,22 @@ def _time_plan(net: Network, cfg: RunConfig, k: int, x: torch.Tensor, y: torch.T
         start = now()
         rest(a)
         per_val = (now() - start) / len(x)
-    return per_prefix, sum(times[1:]) / 2, per_val
+    return per_prefix, sum(times[1:]) / 2, per_val, a[0].numel() * 4
+
+
+def _write_like_the_cache(a: torch.Tensor, root: Path) -> None:
+    """Write ``a`` as float32 through a flushed memory map in the cache's folder, as an extraction does.
+
+    Early feature maps are large (MobileNetV2's up to ``features.3``: 300 KB an image), so
+    writing them costs as much as computing them: without it a prefix view was estimated at 21 s
+    and took 50-70 s on clothing-small.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="headstart-budget-", dir=root) as tmp:
+        mm = np.lib.format.open_memmap(Path(tmp) / "probe.npy", mode="w+", dtype=np.float32, shape=tuple(a.shape))
+        mm[:] = a.float().cpu().numpy()
+        mm.flush()
+        del mm
 
 
 class Deadline:
