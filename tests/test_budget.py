@@ -139,6 +139,7 @@ def test_a_run_stays_within_its_budget_and_shows_the_plan(tmp_path, monkeypatch)
     result, took, text = run_on_fake_clock(tmp_path, monkeypatch, "15m")
     chosen = result.plan["candidates"][result.plan["chosen"]]
     assert chosen["groups"] == 3 and chosen["views"] == PREFIX_VIEWS and "(5 views)" in text
+    assert result.plan["refit"]["after"] == 2  # once an augmented view's extraction was timed
     assert took <= 900 * 1.1
 
 
@@ -212,7 +213,8 @@ def test_a_resumed_budget_run_keeps_its_plan(tmp_path, monkeypatch):
 
     clock = FakeClock()
     monkeypatch.setattr(budget, "now", clock)
-    monkeypatch.setattr(budget, "_time_plan", lambda net, cfg, k, x, y: (0.01, 5.0, 0.0, 1000))
+    monkeypatch.setattr(budget, "_time_plan", lambda net, cfg, k, x, y: (
+        (0.0, 5.0, 0.0, 0) if k >= len(net.groups) else (0.01, 5.0, 0.0, 1000)))
     real_epoch, seen = fit_module._run_epoch, []
 
     def epoch_then_stop(job, sr, inputs, epoch):

@@ -8,9 +8,10 @@ takes the deepest plan that fits :data:`LONG_EPOCHS` epochs into what is left of
 the deepest that fits :data:`MIN_EPOCHS`, else the plan that fits the most epochs; at most
 :data:`MAX_EPOCHS`. The chosen stage stops early after :data:`PATIENCE` epochs without a better
 validation accuracy or loss, and any stage stops when the next epoch would not fit. After the
-chosen stage's first epoch, :func:`replan` sets its length again from that epoch's real time and
-the first view's real extraction time: a few timed steps are a noisy estimate (on clothing-small a
-MobileNetV2 epoch was put at 181-217 s and ran 130-140 s; a prefix view at 21 s and took 70 s).
+chosen stage's first epoch (its second, when it extracts augmented views), :func:`replan` sets its
+length again from the real time of an epoch and of a view's extraction: a few timed steps are a
+noisy estimate (on clothing-small a MobileNetV2 epoch was put at 181-243 s and ran 130-140 s; a
+prefix view at 21 s and took 50-70 s).
 
 Why "long before deep": on a CPU the whole network trains 3-6x slower than its last groups from
 the cached prefix, and the epochs that fit matter more than the depth (see :func:`choose`).
@@ -151,7 +152,7 @@ def replan(plan: dict[str, Any], epoch_s: float, left_s: float, done: int, view_
 
     Sets ``plan["epochs"]`` (what :func:`planned_stage` runs from then on, and what a resumed
     run rebuilds) to the most epochs, at most :data:`MAX_EPOCHS`, whose remaining ones fit in
-    ``left_s`` at ``epoch_s`` each, plus ``view_s`` (the first view's real extraction time) for
+    ``left_s`` at ``epoch_s`` each, plus ``view_s`` (an augmented view's real extraction time) for
     each cached view they will extract first; and records what it saw. The console's line, or
     None when already refitted or the planned length stands.
     """

@@ -214,9 +214,11 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
         began = budget.now()
         run_row = _solve_epoch if epoch == sr.stage.epochs else _run_epoch  # a solving stage ends with its solve
         row, final = run_row(job, sr, inputs, epoch)
-        if state.plan is not None and stage.name == PLANNED and job.deadline is not None:
-            _refit(job, sr, budget.now() - began, epoch + 1, row["setup_seconds"])  # before last.pt keeps it
-        _end_epoch(job, sr, epoch, row)
+        # The budget's stage is refitted once its epoch and view times are known: after its first epoch, or
+        # its second when it extracts augmented views (the first trains on the view extracted at setup).
+        if state.plan is not None and stage.name == PLANNED and epoch + 1 == min(2, inputs.n_views):
+            _refit(job, sr, budget.now() - began - inputs.view_seconds, epoch + 1, inputs.view_seconds)
+        _end_epoch(job, sr, epoch, row)  # after the refit: last.pt keeps the refitted plan
         took = budget.now() - began - inputs.view_seconds  # a view's one-off extraction is not an epoch's
         if state.stopped:
             unsolved = epoch < sr.stage.epochs and sr.stage.solve
