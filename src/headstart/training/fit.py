@@ -361,10 +361,11 @@ def _end_epoch(job: _Fit, sr: StageRun, epoch: int, row: dict[str, Any]) -> None
     state.history.append(row)
     state.seconds = time.perf_counter() - job.started
     job.epochs_run += 1
-    patience = job.cfg.train.patience
+    patience, counts = job.cfg.train.patience, True
     if patience is None and state.plan is not None and sr.stage.name == PLANNED:
-        patience = PATIENCE  # the budget's stage stops when validation stops improving
-    state.track_best(row, patience)
+        # The budget's stage stops when validation stops improving, once its warm-up is over.
+        patience, counts = PATIENCE, budget.warmed_up(sr.stage, epoch + 1, job.cfg.train)
+    state.track_best(row, patience, counts=counts)
     job.say(epoch_line(row, sr.stage))
     if job.writer is not None:
         job.writer.epoch_end(state, sr, epoch + 1, row)

@@ -105,7 +105,7 @@ class FitState:
         self.stage_best_loss = math.inf
         self.optimizer = self.scheduler = self.scaler = self.partial = None
 
-    def track_best(self, row: dict[str, Any], patience: int | None) -> None:
+    def track_best(self, row: dict[str, Any], patience: int | None, *, counts: bool = True) -> None:
         """Best accuracy of the run (for best.pt) and of the stage (for early stopping).
 
         Patience counts epochs without improvement *within the stage*: fine-tuning often dips
@@ -113,13 +113,14 @@ class FitState:
         its validation accuracy is the stage's best or its validation loss the stage's lowest: on a
         few hundred validation images accuracy moves in steps of a few images while the loss still
         falls (clothing-small's budget run: accuracy 87.7, 86.5, 88.9, 89.4 with the loss falling
-        throughout; accuracy alone would have stopped it one epoch before its best).
+        throughout; accuracy alone would have stopped it one epoch before its best). With
+        ``counts`` False an epoch without improvement is not counted either (a warm-up's epochs).
         """
         row["best"] = row["val_acc"] > self.best
         if row["best"]:
             self.best = row["val_acc"]
         better_loss = row["val_loss"] < self.stage_best_loss
-        if row["val_acc"] > self.stage_best or better_loss:
+        if row["val_acc"] > self.stage_best or better_loss or not counts:
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1
