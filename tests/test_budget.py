@@ -135,10 +135,10 @@ def test_a_run_stays_within_its_budget_and_shows_the_plan(tmp_path, monkeypatch)
     assert "fine-tuning plans, timed over a few steps" in text and "<- chosen" in text
     finetune = [r for r in result.history if r["stage"] == "finetune"]
     assert 1 <= len(finetune) <= 9
-    # At 15 minutes the whole network fits 4 epochs, the last 3 groups (on 5 cached views) 12.
+    # At 15 minutes the whole network fits 4 epochs, the last 4 groups (on 5 cached views) 12.
     result, took, text = run_on_fake_clock(tmp_path, monkeypatch, "15m")
     chosen = result.plan["candidates"][result.plan["chosen"]]
-    assert chosen["groups"] == 3 and chosen["views"] == PREFIX_VIEWS and "(5 views)" in text
+    assert chosen["groups"] == 4 and chosen["views"] == PREFIX_VIEWS and "(5 views)" in text
     assert result.plan["refit"]["after"] == 2  # once an augmented view's extraction was timed
     assert took <= 900 * 1.1
 
@@ -183,9 +183,10 @@ def test_plans_are_timed_for_real_on_a_copy_that_leaves_the_network_alone(tmp_pa
     net, data = prepare(cfg)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     candidates = budget.measure_plans(net, data, cfg, torch.device("cpu"))
-    assert [c.groups for c in candidates] == [1, 2, 3, 5]
+    assert [c.groups for c in candidates] == [1, 2, 3, 4, 5]
+    assert budget.candidate_groups(12) == [1, 2, 3, 6, 9, 11, 12]
     assert all(c.epoch_s > 0 for c in candidates)
-    assert [c.views for c in candidates] == [PREFIX_VIEWS] * 3 + [1]  # prefix plans train on augmented views
+    assert [c.views for c in candidates] == [PREFIX_VIEWS] * 4 + [1]  # prefix plans train on augmented views
     assert all(c.extract_s > 0 for c in candidates[:-1]) and candidates[-1].extract_s == 0  # the whole network: none
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
@@ -196,8 +197,8 @@ def test_prefix_plans_keep_the_views_whose_cache_fits_and_are_dropped_when_none_
             "train.device": "cpu", "cache.dir": str(tmp_path / "cache"), "cache.max_gb": 1.0}
     cfg = apply_overrides(RunConfig(), base)
     net, data = prepare(cfg)
-    # Bytes per image of each prefix: the last 1 group's is too big for one view, the last 2's fits 2 views.
-    sizes = {1: 2**30, 2: 2**30 // (64 * 2 + 32), 3: 1000}
+    # Bytes per image of each prefix: the last 1 and 4 groups' are too big for one view, the last 2's fits 2.
+    sizes = {1: 2**30, 2: 2**30 // (64 * 2 + 32), 3: 1000, 4: 2**31}
     monkeypatch.setattr(budget, "_time_plan", lambda net, cfg, k, x, y: (
         (0.0, 5.0, 0.0, 0) if k >= len(net.groups) else (0.01, 1.0, 0.0, sizes[k])))
     candidates = budget.measure_plans(net, data, cfg, torch.device("cpu"))
