@@ -45,7 +45,7 @@ from headstart.training.optim import apply_stage, build_optimizer, finetune_stag
 
 MIN_EPOCHS = 3
 LONG_EPOCHS = 8  # a plan that fits this many epochs beats a deeper one that fits fewer (see choose)
-MAX_EPOCHS = 12
+MAX_EPOCHS = 30  # a cap, not a target: the budget and early stopping end a stage first
 PREFIX_VIEWS = 5  # cached views a prefix plan trains on, with augmentation on: 1 plain + 4 augmented
 PATIENCE = 2
 SLACK = 0.05  # an epoch may end this fraction of the budget past its end
