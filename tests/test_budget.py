@@ -258,7 +258,8 @@ def test_the_report_says_what_the_budget_chose_and_what_its_first_epoch_changed(
     html = budget_notes(RunRecord(tmp_path, summary={"budget_plan": plan, "wall_seconds": 420}, history=history))
     assert "the whole network (chosen)" in html and "Fine-tuning ran 6 epoch(s)" in html
     assert "set to 10 epoch(s) instead of 9" in html
-    assert "first epoch" not in budget_notes(RunRecord(tmp_path, summary={"budget_plan": chosen_plan(900)}))
+    assert "After 1 epoch(s), an epoch took" in html
+    assert "an epoch took" not in budget_notes(RunRecord(tmp_path, summary={"budget_plan": chosen_plan(900)}))
 
 
 def test_the_budget_stage_is_not_stopped_early_while_it_warms_up():

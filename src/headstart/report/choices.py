@@ -18,22 +18,23 @@ def budget_notes(run: RunRecord) -> str:
                      duration(c["epoch_s"]), str(c["epochs"])])
     ran = sum(1 for r in run.history if r.get("stage") == "finetune")
     head = (f"<h3>Budget</h3><p>Budget {duration(plan['budget_s'])}; {duration(plan['left_s'])} were left after "
-            f"the head stage. Each fine-tuning plan was timed over a few steps; the deepest that fits 3 epochs "
-            f"runs (else the one that fits the most), stopping when validation stops improving. "
+            f"the head stage. Each fine-tuning plan was timed over a few steps; the deepest that fits 8 epochs "
+            f"runs (else the deepest that fits 3, else the one that fits the most), stopping when validation "
+            f"stops improving past its warm-up. "
             f"Fine-tuning ran {ran} epoch(s); the whole job took {duration(run.summary.get('wall_seconds'))}."
             f"{_refit_text(plan)}</p>")
     return head + html_table(["plan", "one-off extraction", "per epoch", "epochs that fit"], rows, "budget")
 
 
 def _refit_text(plan: dict) -> str:
-    """What the planned stage's first epoch changed: its real time set the stage's length again."""
+    """What the planned stage's first epoch(s) changed: their real times set the stage's length again."""
     refit = plan.get("refit")
     if not isinstance(refit, dict):
         return ""
     change = (f"the stage was set to {refit['epochs']} epoch(s) instead of {refit['planned']}"
               if refit["epochs"] != refit["planned"] else "the planned length stood")
-    return (f" Its first epoch took {duration(refit['epoch_s'])}: with that real time {change}, "
-            f"its schedule refitted at the step it had reached.")
+    return (f" After {refit['after']} epoch(s), an epoch took {duration(refit['epoch_s'])}: with that real time "
+            f"{change}, its schedule refitted at the step it had reached.")
 
 
 def solved_notes(run: RunRecord) -> str:

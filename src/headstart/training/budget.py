@@ -124,7 +124,9 @@ def choose(candidates: list[Candidate], left_s: float) -> Candidate | None:
     Why long before deep: on clothing-small (MobileNetV2, 15 minutes on 2 cores) the last 3 of 6
     groups on 5 cached views for 10 epochs reached 90.3% in 10.3 minutes, the whole network for
     the 6 epochs that fit 89.4% in 14.4 (bench/README.md, section 4); on the CIFAR subset the last
-    3 groups for 8 epochs 87.5%, the whole network for 2 epochs 85.7%.
+    3 groups for 8 epochs 87.5%, the whole network for 2 epochs 85.7%. Not everywhere: Lite1 on
+    the CIFAR subset reached 86.3% with its last 5 of 8 groups (stopped early) and 87.1% with the
+    whole network for 5 epochs.
     """
     for c in candidates:
         c.epochs = min(MAX_EPOCHS, max(0, int((left_s - c.extract_s) // c.epoch_s))) if c.epoch_s > 0 else 0
@@ -290,7 +292,7 @@ def _write_like_the_cache(a: torch.Tensor, root: Path) -> None:
 
     Early feature maps are large (MobileNetV2's up to ``features.3``: 300 KB an image), so
     writing them costs as much as computing them: without it a prefix view was estimated at 21 s
-    and took 50-70 s on clothing-small.
+    and took 50-70 s on clothing-small; with it about 26 s, still low, which the refit corrects.
     """
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="headstart-budget-", dir=root) as tmp:
