@@ -262,17 +262,20 @@ def test_the_report_says_what_the_budget_chose_and_what_its_first_epoch_changed(
     assert "an epoch took" not in budget_notes(RunRecord(tmp_path, summary={"budget_plan": chosen_plan(900)}))
 
 
-def test_the_budget_stage_is_not_stopped_early_while_it_warms_up():
+def test_the_budget_stage_is_not_stopped_early_before_half_of_its_decay():
     from headstart.config import StageConfig, TrainConfig
     from headstart.training.state import FitState
 
     stage, tc = StageConfig(name="finetune", epochs=12, warmup=0.5), TrainConfig()
-    assert [budget.warmed_up(stage, done, tc) for done in (1, 6, 7, 12)] == [False, False, True, True]
+    # warm-up: epochs 1-6; half of the decay: 7-9; counted: 10-12
+    assert [budget.patience_counts(stage, done, tc) for done in (1, 6, 7, 9, 10, 12)] == [
+        False, False, False, False, True, True]
     state = FitState()
-    rows = [(0.871, 0.456), (0.859, 0.461), (0.871, 0.470), (0.853, 0.480)]  # no improvement after the first
+    rows = [(0.871, 0.456), (0.859, 0.461), (0.871, 0.470), (0.853, 0.480), (0.85, 0.5), (0.85, 0.5),
+            (0.85, 0.5), (0.85, 0.5), (0.85, 0.5)]  # no improvement after the first
     for done, (acc, loss) in enumerate(rows, 1):
-        state.track_best({"val_acc": acc, "val_loss": loss}, 2, counts=budget.warmed_up(stage, done, tc))
+        state.track_best({"val_acc": acc, "val_loss": loss}, 2, counts=budget.patience_counts(stage, done, tc))
     assert not state.stopped and state.bad_epochs == 0
-    for done in (7, 8):  # past the warm-up the same epochs count
-        state.track_best({"val_acc": 0.85, "val_loss": 0.5}, 2, counts=budget.warmed_up(stage, done, tc))
+    for done in (10, 11):  # past half of the decay the same epochs count
+        state.track_best({"val_acc": 0.85, "val_loss": 0.5}, 2, counts=budget.patience_counts(stage, done, tc))
     assert state.stopped

@@ -17,6 +17,7 @@ from headstart.errors import HeadstartError
 from headstart.jobs.train import prepare
 from headstart.training import cache as cache_mod
 from headstart.training import fit as fit_module
+from headstart.training import lr_find as lr_find_module
 from headstart.training.fit import fit, fit_until
 from headstart.training.lr_find import lr_find, suggest
 from headstart.training.optim import lr_factor
@@ -158,8 +159,8 @@ def test_partial_fine_tuning_trains_from_the_cached_frozen_prefix(tmp_path):
     off = _cfg(**{"train.finetune_epochs": 2, "train.finetune_unfreeze": "1", "cache.prefix": False})
     seen_off, _, _ = _images_through_stem(off)
     # without it (the head stage's entries exist from the run above): every fine-tuning epoch's
-    # batches and validation
-    assert seen_off == 2 * (len(data.train) // 16 * 16 + len(data.val))
+    # batches and its two validations (the weight average's, then the weights as trained)
+    assert seen_off == 2 * (len(data.train) // 16 * 16 + 2 * len(data.val))
     assert seen - (len(data.train) + len(data.val)) < seen_off  # fine-tuning stages compared
 
 
@@ -257,8 +258,6 @@ def test_fit_until_trains_the_stages_before_the_one_named_as_train_would(tmp_pat
 
 
 def test_lr_find_for_a_later_stage_starts_from_the_trained_head(tmp_path, monkeypatch):
-    from headstart.training import lr_find as lr_find_module
-
     heads = []
     real = lr_find_module.lr_find
 
@@ -302,14 +301,14 @@ def test_train_with_lr_auto_saves_the_plot(tmp_path, capsys, monkeypatch):
             "--limit-val", "16", "--batch-size", "16", "--epochs", "1", "--lr", "auto", "--no-progress",
             "--no-report", "--output", str(tmp_path), "--name", "auto"]
     suggested = []
-    real = fit_module.lr_find
+    real = lr_find_module.lr_find
 
     def spy(*a, **kw):
         result = real(*a, **kw)
         suggested.append(result.suggestion)
         return result
 
-    monkeypatch.setattr(fit_module, "lr_find", spy)
+    monkeypatch.setattr(lr_find_module, "lr_find", spy)
     assert main(args) == 0
     assert f"suggested lr {suggested[0]:.3g}" in capsys.readouterr().out
     assert (tmp_path / "auto" / "lr_find.png").exists()

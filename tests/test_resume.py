@@ -163,6 +163,23 @@ def test_kill_mid_epoch_with_augmentation_and_a_worker_resumes_bit_exact(tmp_pat
     _assert_same_run(tmp_path / "whole", run)
 
 
+def test_kill_mid_epoch_in_fine_tuning_resumes_its_weight_average_bit_exact(tmp_path, monkeypatch):
+    # The fine-tuning stage keeps a moving average of its weights: last.pt's model is the average and
+    # its train_state the weights as trained; stopped after the 3rd of its second epoch's 4 batches
+    # (the last checkpoint holding 2), the resumed run ends with the same average and the same rows.
+    extra = {"train.epochs": 1, "train.finetune_epochs": 2, "train.finetune_bn": "frozen",
+             "train.finetune_average": 0.5}
+    api.train(_mid_cfg(tmp_path, "whole", **extra), say=_quiet)
+    run = _kill_at_step(monkeypatch, _mid_cfg(tmp_path, "killed", **extra), step=4 + 4 + 3)
+    ts = torch.load(run / "last.pt", weights_only=True)["train_state"]
+    assert (ts["stage"], ts["epoch"], ts["partial"]["batches"]) == (1, 1, 2)
+    assert ts["average"], "the live weights behind the saved average"
+    api.train(RunConfig(), resume=run, say=_quiet)
+    _assert_same_run(tmp_path / "whole", run)
+    assert [r["val_acc_live"] for r in _history(tmp_path / "whole")[1:]] == [
+        r["val_acc_live"] for r in _history(run)[1:]]
+
+
 def test_kill_mid_epoch_on_cached_features_restores_the_loss_scale(tmp_path, monkeypatch):
     # The head stage trains from cached features (items are plain tensors). A gradient scaler
     # that doubles its scale every step stands in for fp16's (which needs a GPU): its state is

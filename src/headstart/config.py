@@ -120,6 +120,9 @@ class StageConfig:
     views: int | None = setting(None, at_least=1, shown="cache.views",
                                 help="cached views of the stage's frozen part (1: plain; more: augmented "
                                      "copies, cycled by epoch)")
+    average: float = setting(0.0, at_least=0, at_most=1,
+                             help="validate, save and keep a moving average of the weights that spans this "
+                                  "fraction of the stage's steps (0: the weights as trained)")
     solve: bool = setting(False, help="after the stage's epochs, fit the head's final layer to convergence "
                           "on the frozen body's features (L-BFGS, weight decay by cross-validation on the "
                           "training split): one more epoch row; needs a frozen body and a Linear final layer")
@@ -164,6 +167,11 @@ class TrainConfig:
     # knocked a 240-photo set from 93.5% to 58.8%; see bench/README.md ("fine-tuning's first epoch").
     finetune_warmup: float = setting(0.5, at_least=0, at_most=1,
                                      help="fraction of the fine-tuning stage's steps spent warming up")
+    # The average starts at the head stage's weights and trails the fine-tuned ones: see
+    # training/averaging.py and bench/README.md ("fine-tuning's first epoch") for what it changed.
+    finetune_average: float = setting(0.25, at_least=0, at_most=1,
+                                      help="fine-tuning validates, saves and keeps a moving average of its "
+                                           "weights over this fraction of the stage's steps (0: off)")
     # 10 helped the digits (the features move far from ImageNet's) and hurt small photo sets.
     finetune_head_mult: float = setting(1.0, above=0,
                                         help="the head's learning rate in fine-tuning, as a multiple of "

@@ -20,7 +20,7 @@ def budget_notes(run: RunRecord) -> str:
     head = (f"<h3>Budget</h3><p>Budget {duration(plan['budget_s'])}; {duration(plan['left_s'])} were left after "
             f"the head stage. Each fine-tuning plan was timed over a few steps; the deepest that fits 8 epochs "
             f"runs (else the deepest that fits 3, else the one that fits the most), stopping when validation "
-            f"stops improving past its warm-up. "
+            f"stops improving past its warm-up and half of its decay. "
             f"Fine-tuning ran {ran} epoch(s); the whole job took {duration(run.summary.get('wall_seconds'))}."
             f"{_refit_text(plan)}</p>")
     return head + html_table(["plan", "one-off extraction", "per epoch", "epochs that fit"], rows, "budget")

@@ -245,15 +245,19 @@ def _stages_table(run: RunRecord, plans: Sequence[StagePlan], total: int) -> str
             used = [r.get("base_lr") for r in run.history if r.get("stage") == p.name]
             lr = f"auto ({used[0]:.3g})" if used and isinstance(used[0], float) else "auto"
         warmup = f"{p.warmup:.0%}" if p.epochs else "–"  # a solved-only stage takes no optimizer steps
-        rows.append([p.name, f"{ran.get(p.name, 0)} of {p.epochs + int(p.solve)}", lr, warmup, f"{p.layer_decay:g}",
+        average = f"{p.average:.0%}" if p.average and p.epochs else "–"
+        rows.append([p.name, f"{ran.get(p.name, 0)} of {p.epochs + int(p.solve)}", lr, warmup, average,
+                     f"{p.layer_decay:g}",
                      p.freeze, p.bn, f"{p.trainable:,} ({share(p.trainable, total)})",
                      duration(d.get("seconds")) if d else "–",
                      f"{d['images_per_s']:,.0f}" if d.get("images_per_s") else "–"])
-    header = ["stage", "epochs run", "base lr", "warm-up", "layer decay", "freeze", "BatchNorm", "trainable parameters",
-              "training time", "images/s"]
+    header = ["stage", "epochs run", "base lr", "warm-up", "weight average", "layer decay", "freeze", "BatchNorm",
+              "trainable parameters", "training time", "images/s"]
     return ("<h3>Stages</h3>" + html_table(header, rows, "stages") + solved_notes(run) + budget_notes(run)
-            + '<p class="note">Training time sums the epochs\' training passes and the feature caching of '
-              "a frozen body (validation not included); images/s is the last epoch's training throughput.</p>")
+            + '<p class="note">A stage with a weight average validates, saves and keeps a moving average of its '
+              "weights over that share of its steps. Training time sums the epochs' training passes and the "
+              "feature caching of a frozen body (validation not included); images/s is the last epoch's "
+              "training throughput.</p>")
 
 
 def _freeze_map(plans: Sequence[StagePlan], group_sizes: dict[str, int]) -> str:

@@ -21,6 +21,8 @@ def stage_lines(plan: StagePlan, si: int, n: int) -> list[str]:
     if plan.solve:
         solved = "final layer solved by L-BFGS, its weight decay by cross-validation on the training split"
         length = solved if plan.epochs == 0 else f"{length}, then the {solved}"
+    if plan.average and plan.epochs:
+        length += f", validating a moving average of the weights over {plan.average:.0%} of its steps"
     step = SEED_STEPS.get(plan.name, "")
     return [f"\n== {step}stage {si + 1}/{n}: {plan.name} ({plan.what}) — {length}, BatchNorm {plan.bn}",
             f"   frozen: {', '.join(frozen) or 'nothing'}",
@@ -31,8 +33,10 @@ def epoch_line(row: dict[str, Any], stage: StageConfig) -> str:
     """The console's line for one epoch (or for the solve that ends a solving stage)."""
     mark = "  *best*" if row.get("best") else ""
     what = "solved" if "solved" in row else f"epoch {row['epoch']}/{stage.epochs}"
+    # With a weight average the validation numbers are the average's; the weights as trained follow.
+    live = f" (averaged; as trained {row['val_acc_live']:.2%})" if "val_acc_live" in row else ""
     return (f"   {what}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
-            f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  ({row['images_per_s']:.0f} img/s){mark}")
+            f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}{live}  ({row['images_per_s']:.0f} img/s){mark}")
 
 
 def outcome_lines(history: list[dict[str, Any]], classes: int) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +31,8 @@ from headstart.evaluation.metrics import ClassReport
 from headstart.models.network import Network
 from headstart.runtime.device import pick_device, seed_everything, set_cpu_speed_flags
 from headstart.runtime.distributed import all_sum, init_from_env, local_device
-from headstart.runtime.distributed import world as current_world
 from headstart.training import budget
+from headstart.training.averaging import WeightAverage
 from headstart.training.budget import PATIENCE, PLANNED, Deadline, make_plan, parse_duration, planned_stage, with_plan
 from headstart.training.console import epoch_line, stage_lines
 from headstart.training.head_solver import solvable_final, solve_head
@@ -49,7 +48,7 @@ from headstart.training.loop import (
     train_one_epoch,
     weights_finite,
 )
-from headstart.training.lr_find import lr_find
+from headstart.training.lr_find import stage_rate
 from headstart.training.optim import (
     build_optimizer,
     build_scheduler,
@@ -194,7 +193,7 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
     """Every remaining epoch of stage ``si``; the last epoch's validation report (None: none ran)."""
     state = job.state
     if stage.lr == "auto" and stage.epochs > 0:  # a solved head with no epochs needs no rate
-        stage = _auto_lr(job, stage)
+        stage = stage_rate(stage, job.state, job.net, job.data, job.cfg, job.run.path if job.run else None, job.say)
     plan = describe_stage(job.net, stage, job.cfg)  # applies the stage: freezing, BatchNorm policy, aux heads
     for line in stage_lines(plan, si, n):
         job.say(line)
@@ -226,6 +225,8 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
             job.say(f"   early stop: no improvement for {state.bad_epochs} epoch(s){skipped}")
             break
         epoch += 1
+    if sr.average is not None:  # the stage's model is the average it validated
+        sr.average.keep()
     return final
 
 
@@ -242,20 +243,26 @@ def _refit(job: _Fit, sr: StageRun, epoch_s: float, done: int, view_s: float) ->
     sched.last_epoch -= 1
     sched.step()  # the rate of the current step on the refitted schedule (a new schedule set its first)
     sr.stage, sr.sched = stage, sched
+    if sr.average is not None:
+        sr.average.set_steps(steps_per_epoch(job.data.train, job.cfg) * stage.epochs)
 
 
 def _stage_run(job: _Fit, si: int, stage: StageConfig, inputs: StageInputs) -> StageRun:
     """The stage's optimizer and per-step schedule, continuing from the saved ones when resuming mid-stage."""
     tc, state = job.cfg.train, job.state
     opt = build_optimizer(job.net, stage, tc)
-    sched = build_scheduler(opt, steps_per_epoch(job.data.train, job.cfg) * stage.epochs, tc, stage)
+    steps = steps_per_epoch(job.data.train, job.cfg) * stage.epochs
+    sched = build_scheduler(opt, steps, tc, stage)
+    average = WeightAverage(job.net, stage.average, steps) if stage.average > 0 else None
     if state.resumes_mid_stage():
         opt.load_state_dict(state.optimizer)
         sched.load_state_dict(state.scheduler)
         scaler = inputs.precision.scaler
         if scaler is not None and state.scaler:  # the fp16 loss scale it had reached
             scaler.load_state_dict(state.scaler)
-    return StageRun(si, stage, opt, sched, inputs.precision)
+        if average is not None and state.average is not None:  # the network holds the saved average
+            average = WeightAverage.resume(job.net, stage.average, steps, state.average)
+    return StageRun(si, stage, opt, sched, inputs.precision, average)
 
 
 def _run_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tuple[dict[str, Any], ClassReport]:
@@ -277,15 +284,24 @@ def _run_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tupl
     except Diverged as e:
         text = diverged_text(job.cfg.train, job.run.path if job.run else None, sr.index, sr.stage, epoch, e, first_step)
         raise Diverged(e.reason, e.batch, message=text) from None
-    report = evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device)
+    live = _live_accuracy(job, sr, inputs)
+    with sr.averaged():
+        report = evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device)
     state.global_epoch += 1
     setup, inputs.setup_seconds = inputs.setup_seconds, 0.0  # reported once, with the stage's first epoch
-    return {
+    return live | {
         "stage": stage.name, "stage_index": sr.index, "epoch": epoch + 1, "global_epoch": state.global_epoch,
         "setup_seconds": setup, "base_lr": stage.lr,
         "train_loss": tr.loss, "train_acc": tr.accuracy, "val_loss": report.loss, "val_acc": report.top1,
         "val_top5": report.top5, "seconds": tr.seconds, "images_per_s": tr.images_per_s, "lrs": lrs,
     }, report
+
+
+def _live_accuracy(job: _Fit, sr: StageRun, inputs: StageInputs) -> dict[str, float]:
+    """With a weight average, the validation accuracy of the weights as trained (the row's ``val_acc_live``)."""
+    if sr.average is None:
+        return {}
+    return {"val_acc_live": evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device).top1}
 
 
 def _solve_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tuple[dict[str, Any], ClassReport]:
@@ -332,6 +348,8 @@ def _train_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int, loade
 
     def after_step(loss: float, o: torch.optim.Optimizer) -> None:
         state.step += 1
+        if sr.average is not None:
+            sr.average.update()
         if run is not None:
             run.tb_step(state.step, loss, optimizer_lrs(o))
 
@@ -363,35 +381,11 @@ def _end_epoch(job: _Fit, sr: StageRun, epoch: int, row: dict[str, Any]) -> None
     job.epochs_run += 1
     patience, counts = job.cfg.train.patience, True
     if patience is None and state.plan is not None and sr.stage.name == PLANNED:
-        # The budget's stage stops when validation stops improving, once its warm-up is over.
-        patience, counts = PATIENCE, budget.warmed_up(sr.stage, epoch + 1, job.cfg.train)
+        # The budget's stage stops when validation stops improving, once half of its decay is over.
+        patience, counts = PATIENCE, budget.patience_counts(sr.stage, epoch + 1, job.cfg.train)
     state.track_best(row, patience, counts=counts)
     job.say(epoch_line(row, sr.stage))
     if job.writer is not None:
         job.writer.epoch_end(state, sr, epoch + 1, row)
     if job.clock is not None:
         job.clock.saved()
-
-
-def _auto_lr(job: _Fit, stage: StageConfig) -> StageConfig:
-    """The stage with its rate set by the learning-rate range test (plot saved in the run folder).
-
-    Resuming mid-stage reuses the rate chosen when the stage began (recorded in the history).
-    """
-    state = job.state
-    if state.resumes_mid_stage():
-        partial = state.partial or {}
-        if isinstance(partial.get("base_lr"), float):  # stopped inside the stage's first epoch
-            return dataclasses.replace(stage, lr=partial["base_lr"])
-        chosen = [r["base_lr"] for r in state.history if r.get("stage") == stage.name and "base_lr" in r]
-        if chosen:
-            return dataclasses.replace(stage, lr=chosen[-1])
-    if current_world().enabled:
-        raise HeadstartError("lr: auto is not supported under torchrun (each rank would test its own shard); "
-                             "run `headstart lr-find` in one process and pass the rate it suggests")
-    result = lr_find(job.net, job.data, job.cfg, stage, say=lambda _: None)
-    if job.run is not None:
-        plot = result.save_plot(job.run.path / f"lr_find-{stage.name}.png")
-        shutil.copyfile(plot, job.run.path / "lr_find.png")  # the report shows the latest one
-    job.say(f"   learning-rate range test for stage {stage.name}: suggested lr {result.suggestion:.3g}")
-    return dataclasses.replace(stage, lr=result.suggestion)

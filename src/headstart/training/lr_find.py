@@ -14,7 +14,9 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +29,11 @@ from headstart.config import RunConfig, StageConfig
 from headstart.errors import HeadstartError
 from headstart.models.network import Network
 from headstart.runtime.device import pick_device, seed_everything
+from headstart.runtime.distributed import world as current_world
 from headstart.training.inputs import StageInputs
 from headstart.training.optim import apply_stage, build_optimizer, resolve_stages
 from headstart.training.sampling import epoch_loader
+from headstart.training.state import FitState
 
 
 @dataclass
@@ -126,3 +130,28 @@ def suggest(lrs: list[float], losses: list[float]) -> float:
     lo = max(int(np.argmin(losses)), skip + 2)
     grads = np.gradient(np.asarray(losses[skip : lo + 1]), np.log(np.asarray(lrs[skip : lo + 1])))
     return float(lrs[skip + int(np.argmin(grads))])
+
+
+def stage_rate(stage: StageConfig, state: FitState, net: Network, data: Any, cfg: RunConfig, folder: Path | None,
+               say: Callable[[str], None]) -> StageConfig:
+    """``stage`` with its rate set by the range test, as ``fit`` runs it for ``lr: auto`` (the plot saved in
+    the run ``folder``).
+
+    Resuming mid-stage reuses the rate chosen when the stage began (recorded in ``state``'s history).
+    """
+    if state.resumes_mid_stage():
+        partial = state.partial or {}
+        if isinstance(partial.get("base_lr"), float):  # stopped inside the stage's first epoch
+            return dataclasses.replace(stage, lr=partial["base_lr"])
+        chosen = [r["base_lr"] for r in state.history if r.get("stage") == stage.name and "base_lr" in r]
+        if chosen:
+            return dataclasses.replace(stage, lr=chosen[-1])
+    if current_world().enabled:
+        raise HeadstartError("lr: auto is not supported under torchrun (each rank would test its own shard); "
+                             "run `headstart lr-find` in one process and pass the rate it suggests")
+    result = lr_find(net, data, cfg, stage, say=lambda _: None)
+    if folder is not None:
+        plot = result.save_plot(folder / f"lr_find-{stage.name}.png")
+        shutil.copyfile(plot, folder / "lr_find.png")  # the report shows the latest one
+    say(f"   learning-rate range test for stage {stage.name}: suggested lr {result.suggestion:.3g}")
+    return dataclasses.replace(stage, lr=result.suggestion)

@@ -60,11 +60,11 @@ def resolve_stages(cfg: TrainConfig, net: Network) -> list[StageConfig]:
 def finetune_stage(cfg: TrainConfig, name: str, epochs: int, freeze: str,
                    layer_decay: float | None = None) -> StageConfig:
     """A fine-tuning stage with the ``train.finetune_*`` recipe: its rate, warm-up, BatchNorm policy,
-    layer decay and the head's multiple of the rate (the two-phase schedule, gradual unfreezing and
+    layer decay, the head's multiple of the rate and the weight average (the two-phase schedule, gradual unfreezing and
     the budget's planned stage all fine-tune this way)."""
     return StageConfig(name=name, epochs=epochs, freeze=freeze, lr=cfg.finetune_lr,
                        layer_decay=cfg.layer_decay if layer_decay is None else layer_decay,
-                       bn=cfg.finetune_bn, warmup=cfg.finetune_warmup,
+                       bn=cfg.finetune_bn, warmup=cfg.finetune_warmup, average=cfg.finetune_average,
                        lr_mult={"head": cfg.finetune_head_mult} if cfg.finetune_head_mult != 1.0 else {})
 
 
@@ -142,6 +142,7 @@ class StagePlan:
     trainable: int
     total: int
     solve: bool = False  # the final layer is solved after the epochs (one more epoch row)
+    average: float = 0.0  # the weight average's span, a fraction of the stage's steps (0: none)
 
     @property
     def what(self) -> str:
@@ -167,7 +168,7 @@ def describe_stage(net: Network, stage: StageConfig, cfg: RunConfig) -> StagePla
                      layer_decay=stage.layer_decay,
                      freeze=stage.freeze, bn=stage.bn, states=trainable_state(net), bn_modes=bn_mode(net),
                      lrs=group_lrs(net, stage, 1.0 if lr == "auto" else float(lr)), cache=cache_plan(net, cfg),
-                     trainable=trainable, total=total, solve=stage.solve)
+                     trainable=trainable, total=total, solve=stage.solve, average=stage.average)
 
 
 def cache_plan(net: Network, cfg: RunConfig) -> str:

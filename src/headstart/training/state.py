@@ -10,6 +10,7 @@ those batches without loading their images and carries on. The checkpoint's ``tr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -26,13 +27,14 @@ from headstart.models.network import Network
 from headstart.runtime.distributed import rank0_decides
 from headstart.runtime.distributed import world as current_world
 from headstart.runtime.precision import Precision
+from headstart.training.averaging import WeightAverage
 from headstart.training.loop import EpochProgress
 from headstart.training.optim import stage_rows
 from headstart.training.runs import RunDir
 
 # Set only while a stage is resumed: the states its optimizer, schedule and scaler continue from,
 # and the part of the epoch already trained. Never saved as they are (see to_checkpoint).
-_RESUME_ONLY = ("optimizer", "scheduler", "scaler", "partial")
+_RESUME_ONLY = ("optimizer", "scheduler", "scaler", "partial", "average")
 
 
 @dataclass
@@ -44,6 +46,11 @@ class StageRun:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     precision: Precision
+    average: WeightAverage | None = None  # the stage's weight average, when it keeps one
+
+    def averaged(self) -> contextlib.AbstractContextManager[None]:
+        """The network holds the stage's weight average inside the block (the weights as trained without one)."""
+        return self.average.swapped() if self.average is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -71,6 +78,7 @@ class FitState:
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
     partial: dict[str, Any] | None = None
+    average: dict[str, Any] | None = None  # the live weights behind a saved weight average (see averaging.py)
     plan: dict[str, Any] | None = None  # the --budget plan, once chosen (a resumed run keeps it)
 
     @classmethod
@@ -88,7 +96,7 @@ class FitState:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RESUME_ONLY}
         scaler = run.precision.scaler.state_dict() if run.precision.scaler is not None else None
         out.update(stage=run.index, epoch=epoch, optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict(),
-                   scaler=scaler or None)
+                   scaler=scaler or None, average=run.average.live_state() if run.average is not None else None)
         return out
 
     def resumes_mid_stage(self) -> bool:
@@ -103,7 +111,7 @@ class FitState:
         """Move on to the stage after ``index``: fresh optimizer and early-stopping counts."""
         self.stage, self.epoch, self.stopped, self.bad_epochs, self.stage_best = index + 1, 0, False, 0, -1.0
         self.stage_best_loss = math.inf
-        self.optimizer = self.scheduler = self.scaler = self.partial = None
+        self.optimizer = self.scheduler = self.scaler = self.partial = self.average = None
 
     def track_best(self, row: dict[str, Any], patience: int | None, *, counts: bool = True) -> None:
         """Best accuracy of the run (for best.pt) and of the stage (for early stopping).
@@ -144,18 +152,20 @@ class CheckpointWriter:
         """After ``epoch`` epochs of the stage: the metrics row, best.pt when it is the best, last.pt."""
         self.run.log_epoch(row)
         self.run.tb_epoch(row)
-        record = self._record(row)
-        if row["best"]:
-            checkpoint.save(self.run.path / "best.pt", record)
-        checkpoint.save(self.run.path / "last.pt", record | {"train_state": state.to_checkpoint(run, epoch)})
+        with run.averaged():  # the model validated; the live weights go into train_state
+            record = self._record(row)
+            if row["best"]:
+                checkpoint.save(self.run.path / "best.pt", record)
+            checkpoint.save(self.run.path / "last.pt", record | {"train_state": state.to_checkpoint(run, epoch)})
 
     def mid_epoch(self, state: FitState, run: StageRun, epoch: int, partial: dict[str, Any],
                   seconds: float) -> None:
         """Inside ``epoch`` (0-based): last.pt with the part of the epoch done (``partial``)."""
-        record = self._record(state.history[-1] if state.history else {})
-        train_state = state.to_checkpoint(run, epoch)
-        train_state.update(seconds=seconds, partial=partial)
-        checkpoint.save(self.run.path / "last.pt", record | {"train_state": train_state})
+        with run.averaged():  # the record holds the network's tensors: saved before they are swapped back
+            record = self._record(state.history[-1] if state.history else {})
+            train_state = state.to_checkpoint(run, epoch)
+            train_state.update(seconds=seconds, partial=partial)
+            checkpoint.save(self.run.path / "last.pt", record | {"train_state": train_state})
 
 
 class MidEpochClock:
