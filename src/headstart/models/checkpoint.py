@@ -41,7 +41,8 @@ def model_record(net: Network, classes: list[str], kind: str = "photo") -> dict[
         "preprocessing": net.preprocessing.to_dict(),
         # The weights the body started from, as loaded: the config's DEFAULT names no weights.
         "pretrained": net.weights_name,
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        # Contiguous: a network trained channels-last saves the standard layout all the same.
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
     }
 
 
