@@ -33,6 +33,8 @@ SETS = {"s2": (("dress", "shirt"), 120, 120), "s4": (("longsleeve", "pants", "sh
 RECIPES = {
     "default": [],
     "no-average": ["--finetune-average", "0"],
+    "average-0.5": ["--finetune-average", "0.5"],
+    "average-1": ["--finetune-average", "1"],
 }
 
 

@@ -289,19 +289,22 @@ def test_sgd_onecycle_label_smoothing(tmp_path, monkeypatch):
 def test_early_stopping_ends_the_stage_not_the_run(tmp_path):
     # lr 0 with a constant schedule: validation accuracy cannot improve after the first epoch.
     stages = [StageConfig(name="a", epochs=4, freeze="body", lr=0.0),
-              StageConfig(name="b", epochs=3, freeze="body", lr=0.0)]
+              StageConfig(name="b", epochs=2, freeze="body", lr=0.0)]
     cfg = tiny_cfg(tmp_path, **{"train.scheduler": "constant", "train.patience": 1})
     cfg.train.stages = stages
     net, data = prepare(cfg)
-    result = fit(net, data, cfg, None, say=lambda s: None)
+    lines: list[str] = []
+    result = fit(net, data, cfg, None, say=lines.append)
     # patience counts within each stage: both stop after one epoch without improvement
     assert [(r["stage"], r["epoch"]) for r in result.history] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    # stage a was stopped early; stage b's stop fell on its last epoch, which is no early stop
+    assert sum("early stop" in line for line in lines) == 1
     assert len({r["val_acc"] for r in result.history}) == 1
     # without patience every epoch runs
     cfg.train.patience = None
     net, data = prepare(cfg)
     result = fit(net, data, cfg, None, say=lambda s: None)
-    assert len(result.history) == 7
+    assert len(result.history) == 6
 
 
 def test_early_stopping_from_the_cli(tmp_path, capsys):

@@ -222,7 +222,8 @@ def _train_stage(job: _Fit, si: int, stage: StageConfig, n: int) -> ClassReport 
         if state.stopped:
             unsolved = epoch < sr.stage.epochs and sr.stage.solve
             skipped = " (the head's final layer is left as trained, not solved)" if unsolved else ""
-            job.say(f"   early stop: no improvement for {state.bad_epochs} epoch(s){skipped}")
+            if epoch + 1 < stage_rows(sr.stage):  # at the stage's last row the stop changes nothing
+                job.say(f"   early stop: no improvement for {state.bad_epochs} epoch(s){skipped}")
             break
         epoch += 1
     if sr.average is not None:  # the stage's model is the average it validated
