@@ -20,13 +20,13 @@ import os
 import shlex
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import quality  # noqa: E402
 
 BENCH = "finetune_rule2"
 SETS = {"s2": (("dress", "shirt"), 120, 120), "s4": (("longsleeve", "pants", "shirt", "t-shirt"), 200, 90)}
@@ -40,13 +40,7 @@ RECIPES = {
 
 def photo_set(args: Any, name: str) -> Path:
     """The class-balanced subset ``name`` of clothing-small's train split (symlinks; the same every time)."""
-    tarball = Path(args.data_dir) / "clothing-small.tar.gz"
-    if not tarball.is_file():
-        common.skip(BENCH, f"{tarball} not found (real data lives in ../shared/data; pass --data-dir)")
-    root = Path(args.work_dir) / "clothing-small"
-    if not (root / "train").is_dir():
-        with tarfile.open(tarball) as tf:
-            tf.extractall(Path(args.work_dir), filter="data")
+    root = quality.clothing(args, BENCH)
     classes, n_train, n_val = SETS[name]
     picked = Path(args.work_dir) / f"rule2-{name}-classes"
     picked.mkdir(parents=True, exist_ok=True)

@@ -54,10 +54,11 @@ CONTENDERS = ("head", "probe", "budget", "tutorial-fixed", "tutorial-finetune")
 # ---------------------------------------------------------------------- data sets
 
 
-def clothing(args: Any) -> Path:
+def clothing(args: Any, bench: str = BENCH) -> Path:
+    """clothing-small unpacked (once) into ``--work-dir``; ``bench`` names the benchmark that skips without it."""
     tarball = Path(args.data_dir) / "clothing-small.tar.gz"
     if not tarball.is_file():
-        common.skip(BENCH, f"{tarball} not found (real data lives in ../shared/data; pass --data-dir)")
+        common.skip(bench, f"{tarball} not found (real data lives in ../shared/data; pass --data-dir)")
     dest = Path(args.work_dir) / "clothing-small"
     if not (dest / ".complete").exists():
         common.log(f"unpacking {tarball}")

@@ -254,15 +254,16 @@ def _stage_run(job: _Fit, si: int, stage: StageConfig, inputs: StageInputs) -> S
     opt = build_optimizer(job.net, stage, tc)
     steps = steps_per_epoch(job.data.train, job.cfg) * stage.epochs
     sched = build_scheduler(opt, steps, tc, stage)
-    average = WeightAverage(job.net, stage.average, steps) if stage.average > 0 else None
+    average = None
+    if stage.average > 0:  # resumed mid-stage, the network holds the saved average and state the live weights
+        average = (WeightAverage.resume(job.net, stage.average, steps, state.average) if state.average is not None
+                   else WeightAverage(job.net, stage.average, steps))
     if state.resumes_mid_stage():
         opt.load_state_dict(state.optimizer)
         sched.load_state_dict(state.scheduler)
         scaler = inputs.precision.scaler
         if scaler is not None and state.scaler:  # the fp16 loss scale it had reached
             scaler.load_state_dict(state.scaler)
-        if average is not None and state.average is not None:  # the network holds the saved average
-            average = WeightAverage.resume(job.net, stage.average, steps, state.average)
     return StageRun(si, stage, opt, sched, inputs.precision, average)
 
 
