@@ -145,8 +145,11 @@ def head(args: Any, folder: Path) -> dict[str, Any]:
 
 def budget(args: Any, folder: Path) -> dict[str, Any]:
     cache = common.fresh_dir(Path(args.work_dir) / f"quality-cache-{args.data}-{args.model}-budget")
-    out = headstart_run(args, folder, f"{args.data}-{args.model}-budget", cache, ["--budget", args.budget])
+    extra = shlex.split(args.extra)
+    out = headstart_run(args, folder, f"{args.data}-{args.model}-budget", cache, ["--budget", args.budget, *extra])
     out["budget"] = args.budget
+    if extra:
+        out["extra"] = args.extra
     return out
 
 
@@ -243,11 +246,12 @@ def _rule2(line: dict[str, Any] | None) -> str:
 
 
 def table(results: Path) -> str:
-    """A Markdown table of the latest line of each data set x backbone x contender in ``results``."""
+    """A Markdown table of the latest line of each data set x backbone x contender in ``results``
+    (the defaults' runs: a variant's line, one run with ``--extra`` flags, is left out)."""
     latest: dict[tuple[str, str, str], dict[str, Any]] = {}
     for raw in results.read_text().splitlines():
-        if raw.strip():
-            line = json.loads(raw)
+        line = json.loads(raw) if raw.strip() else {}
+        if line and not line.get("extra"):
             latest[(line["data"], line["model"], line["contender"])] = line
     rows = ["| data | backbone (px) | probe | tutorial, fixed features | **headstart head-only** | tutorial, "
             "fine-tune | **headstart --budget 15m** | budget's fine-tuning vs its head stage (points) |",
@@ -269,6 +273,8 @@ def main() -> None:
     p.add_argument("--model", choices=tuple(MODELS), default="mobilenet_v2")
     p.add_argument("--contenders", default="head,probe", help=f"comma-separated: {', '.join(CONTENDERS)}")
     p.add_argument("--budget", default="15m", help="the budget contender's --budget")
+    p.add_argument("--extra", default="",
+                   help="more headstart flags for the budget contender (a variant: give it its own --results)")
     p.add_argument("--tutorial-epochs", type=int, default=tutorial_recipe.EPOCHS)
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds: stop a tutorial run at the first epoch end past it (the line says so)")
