@@ -35,6 +35,8 @@ RECIPES = {
     "no-average": ["--finetune-average", "0"],
     "average-0.5": ["--finetune-average", "0.5"],
     "average-1": ["--finetune-average", "1"],
+    # the last round's default rate: 1e-4 after half the stage warming up, whatever the stage's length
+    "rate-1e-4": ["--finetune-lr", "1e-4", "--finetune-warmup-steps", "0"],
 }
 
 

@@ -268,14 +268,17 @@ def test_the_budget_stage_is_not_stopped_early_before_half_of_its_decay():
 
     stage, tc = StageConfig(name="finetune", epochs=12, warmup=0.5), TrainConfig()
     # warm-up: epochs 1-6; half of the decay: 7-9; counted: 10-12
-    assert [budget.patience_counts(stage, done, tc) for done in (1, 6, 7, 9, 10, 12)] == [
+    assert [budget.patience_counts(stage, done, tc, 4) for done in (1, 6, 7, 9, 10, 12)] == [
         False, False, False, False, True, True]
+    # A warm-up capped at 60 steps of a 1,200-step stage (5%): half of the decay is over after 6.3 epochs.
+    capped = StageConfig(name="finetune", epochs=12, warmup=0.5, warmup_steps=60)
+    assert [budget.patience_counts(capped, done, tc, 100) for done in (6, 7)] == [False, True]
     state = FitState()
     rows = [(0.871, 0.456), (0.859, 0.461), (0.871, 0.470), (0.853, 0.480), (0.85, 0.5), (0.85, 0.5),
             (0.85, 0.5), (0.85, 0.5), (0.85, 0.5)]  # no improvement after the first
     for done, (acc, loss) in enumerate(rows, 1):
-        state.track_best({"val_acc": acc, "val_loss": loss}, 2, counts=budget.patience_counts(stage, done, tc))
+        state.track_best({"val_acc": acc, "val_loss": loss}, 2, counts=budget.patience_counts(stage, done, tc, 4))
     assert not state.stopped and state.bad_epochs == 0
     for done in (10, 11):  # past half of the decay the same epochs count
-        state.track_best({"val_acc": 0.85, "val_loss": 0.5}, 2, counts=budget.patience_counts(stage, done, tc))
+        state.track_best({"val_acc": 0.85, "val_loss": 0.5}, 2, counts=budget.patience_counts(stage, done, tc, 4))
     assert state.stopped

@@ -196,6 +196,13 @@ def test_lr_factor_shapes():
     assert lr_factor(3, 10, 0.0, "onecycle") == pytest.approx(1.0)
     assert lr_factor(10, 10, 0.0, "onecycle") == pytest.approx(1e-3)
     assert lr_factor(7, 10, 0.1, "constant") == 1.0
+    # climb: the warm-up rises one climb-th of the rate per step; a short stage peaks below the full rate
+    long = [lr_factor(s, 1000, 0.5, "cosine", climb=60) for s in range(62)]
+    assert long[59] == pytest.approx(60 / 61) and long[60] == pytest.approx(1.0) and long[61] < 1.0
+    short = [lr_factor(s, 12, 0.5, "cosine", climb=60) for s in range(13)]
+    assert max(short) == pytest.approx(0.1) and short[:6] == pytest.approx([0.1 * (s + 1) / 7 for s in range(6)])
+    assert short[12] == pytest.approx(0.0)
+    assert lr_factor(0, 12, 0.0, "cosine", climb=60) == pytest.approx(1.0)  # no warm-up asked: the full rate
     with pytest.raises(HeadstartError):
         lr_factor(0, 10, 0.1, "step")
 
@@ -207,11 +214,14 @@ def test_fit_lrs_follow_warmup_cosine_per_stage(tmp_path, monkeypatch):
     records = spy_steps(monkeypatch)
     cfg = tiny_cfg(tmp_path, **{"train.epochs": 2, "train.finetune_epochs": 1, "train.warmup": 0.25,
                                 "train.finetune_warmup": 0.5, "train.lr": 0.01, "train.finetune_lr": 0.001,
-                                "train.layer_decay": 0.5})
+                                "train.finetune_warmup_steps": 6, "train.layer_decay": 0.5})
     net, data = prepare(cfg)
     run = RunDir.new(cfg)
-    result = fit(net, data, cfg, run, say=lambda s: None)
+    lines: list[str] = []
+    result = fit(net, data, cfg, run, say=lines.append)
     assert [r["stage"] for r in result.history] == ["head", "head", "finetune"]
+    assert "   warm-up: 2 of its 4 steps, short of the 6 the climb to the full rate takes: the rate peaks at 33% of lr" \
+        in lines
     head = [r for r in records if r["stage"] == "head"]
     ft = [r for r in records if r["stage"] == "finetune"]
     assert len(head) == 8 and len(ft) == 4  # 64 images / 16 per batch = 4 steps per epoch
@@ -225,7 +235,9 @@ def test_fit_lrs_follow_warmup_cosine_per_stage(tmp_path, monkeypatch):
 
     # stage 2: a new optimizer, every group at finetune_lr scaled by layer decay, its own warmup
     assert ft[0]["opt"] is not head[0]["opt"]
-    ft_factors = [1 / 3, 2 / 3, 1.0, 0.5]  # 4 steps, warmup round(4 * 0.5) = 2 steps (train.finetune_warmup)
+    # 4 steps: warm-up round(4 * 0.5) = 2 steps (train.finetune_warmup), a third of the 6 steps the climb to
+    # the full rate takes (train.finetune_warmup_steps), so the stage peaks at a third of finetune_lr
+    ft_factors = [1 / 9, 2 / 9, 1 / 3, 1 / 6]
     for r, f in zip(ft, ft_factors):
         lrs = lrs_by_group(r)
         assert list(lrs) == [*RESNET18_GROUPS, "head"]
@@ -234,27 +246,30 @@ def test_fit_lrs_follow_warmup_cosine_per_stage(tmp_path, monkeypatch):
 
     # metrics.jsonl records each epoch's starting rates
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lrs"]["head"] for r in rows] == pytest.approx([0.01 / 3, 0.0075, 0.001 / 3])
-    assert rows[2]["lrs"]["stem"] == pytest.approx(0.001 / 3 * 0.5**5)
+    assert [r["lrs"]["head"] for r in rows] == pytest.approx([0.01 / 3, 0.0075, 0.001 / 9])
+    assert rows[2]["lrs"]["stem"] == pytest.approx(0.001 / 9 * 0.5**5)
 
 
 def test_every_fine_tuning_stage_gets_the_finetune_recipe():
     net = build_network("resnet18", "none", num_classes=3)
-    tc = TrainConfig(finetune_epochs=2, finetune_lr=2e-4, finetune_warmup=0.4, finetune_head_mult=10.0)
+    tc = TrainConfig(finetune_epochs=2, finetune_lr=2e-4, finetune_warmup=0.4, finetune_head_mult=10.0,
+                     finetune_warmup_steps=8)
     two_phase = resolve_stages(tc, net)[-1]
     gradual = resolve_stages(dataclasses.replace(tc, schedule="gradual"), net)[1]
     cfg = RunConfig(train=tc)
     plan = {"chosen": 0, "candidates": [{"groups": 2, "of": len(net.groups), "epochs": 3}]}
     budget = planned_stage(plan, net, cfg)
     for stage in (two_phase, gradual, budget):
-        assert (stage.lr, stage.warmup, stage.lr_mult) == (2e-4, 0.4, {"head": 10.0}), stage.name
+        assert (stage.lr, stage.warmup, stage.warmup_steps, stage.lr_mult) == (2e-4, 0.4, 8, {"head": 10.0})
     assert two_phase.layer_decay == budget.layer_decay == tc.layer_decay
+    no_climb = resolve_stages(dataclasses.replace(tc, finetune_warmup_steps=0), net)[-1]
+    assert no_climb.warmup_steps is None  # 0: the warm-up fraction alone, climbing to the full rate
     rates = group_lrs(net, two_phase, 2e-4)
     assert rates["head"] == pytest.approx(2e-3) and rates["layer4"] == pytest.approx(2e-4 * tc.layer_decay)
-    # the scheduler warms up over the stage's own fraction, not train.warmup's
+    # the scheduler warms up over the stage's own fraction, not train.warmup's, climbing at 1/8 of the rate a step
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     build_scheduler(opt, 10, dataclasses.replace(tc, warmup=0.0), two_phase)
-    assert opt.param_groups[0]["lr"] == pytest.approx(1 / 5)  # step 0 of a 4-step warm-up
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 / 5)  # step 0 of a 4-step warm-up peaking at 4/8
     # and the plan the console and the report show says the same, per stage
     head = resolve_stages(tc, net)[0]
     assert (describe_stage(net, head, cfg).warmup, describe_stage(net, two_phase, cfg).warmup) == (tc.warmup, 0.4)

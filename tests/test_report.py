@@ -203,7 +203,7 @@ def test_digits_report(digits_report: Path, digits_interp: Interpretation) -> No
                    "<pre>model:"):
         assert needle in text, needle
     # each stage's own warm-up: train.warmup for the head stage, train.finetune_warmup for fine-tuning
-    for stage, warmup in (("head", "10%"), ("finetune", "50%")):
+    for stage, warmup in (("head", "10%"), ("finetune", "50%, at most 60 steps")):
         assert re.search(rf"<tr><td>{stage}</td><td>[^<]*</td><td>[^<]*</td><td>{warmup}</td>", text), stage
 
 

@@ -115,6 +115,9 @@ class StageConfig:
                                              "applied after layer_decay")
     warmup: float | None = setting(None, at_least=0, at_most=1, shown="train.warmup",
                                    help="fraction of the stage's steps spent warming up")
+    warmup_steps: int | None = setting(None, at_least=1, shown="none",
+                                       help="steps the warm-up takes to climb to the full rate; a stage whose "
+                                            "warmup fraction is fewer steps peaks at that share of lr")
     bn: str = setting("frozen", choices=BN_POLICIES, help="BatchNorm in frozen parts: frozen (eval mode), "
                       "train (statistics update) or eval-all (every BatchNorm in eval mode, tiny batches)")
     views: int | None = setting(None, at_least=1, shown="cache.views",
@@ -163,12 +166,17 @@ class TrainConfig:
     compile: bool = setting(False, help="torch.compile the network (a compile time up front; for long GPU runs)")
     finetune_epochs: int = setting(0, at_least=0, help="epochs of the fine-tuning stage (0: none)")
     finetune_unfreeze: str = setting("all", help="all, or how many last depth groups fine-tuning unfreezes")
-    finetune_lr: float | str = setting(1e-4, choices=("auto",), at_least=0,
-                                       help="base learning rate of fine-tuning, or auto")
-    # Half the stage warming up to 1e-4: AdamW's first steps at 3e-4 after 1 step of warm-up had
-    # knocked a 240-photo set from 93.5% to 58.8%; see bench/README.md ("fine-tuning's first epoch").
+    # The rate climbs to it over finetune_warmup_steps: AdamW's first steps at 3e-4 after one step of
+    # warm-up had knocked a 240-photo set from 93.5% to 58.8%, while 15-minute stages of 800+ steps
+    # gained 1.6 points on the CIFAR subset at 3e-4 over 1e-4; see bench/README.md, section 11.
+    finetune_lr: float | str = setting(3e-4, choices=("auto",), at_least=0,
+                                       help="base learning rate of fine-tuning (its peak), or auto")
+    finetune_warmup_steps: int = setting(60, at_least=0,
+                                         help="steps fine-tuning's warm-up takes to climb to finetune_lr; "
+                                              "a stage whose warm-up is shorter peaks lower (0: it always "
+                                              "climbs to finetune_lr)")
     finetune_warmup: float = setting(0.5, at_least=0, at_most=1,
-                                     help="fraction of the fine-tuning stage's steps spent warming up")
+                                     help="the most of the fine-tuning stage's steps spent warming up")
     # The average starts at the head stage's weights and trails the fine-tuned ones: see
     # training/averaging.py and bench/README.md ("fine-tuning's first epoch") for what it changed.
     finetune_average: float = setting(0.25, at_least=0, at_most=1,

@@ -245,6 +245,8 @@ def _stages_table(run: RunRecord, plans: Sequence[StagePlan], total: int) -> str
             used = [r.get("base_lr") for r in run.history if r.get("stage") == p.name]
             lr = f"auto ({used[0]:.3g})" if used and isinstance(used[0], float) else "auto"
         warmup = f"{p.warmup:.0%}" if p.epochs else "–"  # a solved-only stage takes no optimizer steps
+        if p.epochs and p.warmup_steps:
+            warmup += f", at most {p.warmup_steps} steps"
         average = f"{p.average:.0%}" if p.average and p.epochs else "–"
         rows.append([p.name, f"{ran.get(p.name, 0)} of {p.epochs + int(p.solve)}", lr, warmup, average,
                      f"{p.layer_decay:g}",
@@ -254,7 +256,9 @@ def _stages_table(run: RunRecord, plans: Sequence[StagePlan], total: int) -> str
     header = ["stage", "epochs run", "base lr", "warm-up", "weight average", "layer decay", "freeze", "BatchNorm",
               "trainable parameters", "training time", "images/s"]
     return ("<h3>Stages</h3>" + html_table(header, rows, "stages") + solved_notes(run) + budget_notes(run)
-            + '<p class="note">A stage with a weight average validates, saves and keeps a moving average of its '
+            + '<p class="note">A warm-up of at most N steps climbs to the full rate over N steps: a stage whose '
+              "warm-up share is fewer steps peaks below its base rate. "
+              "A stage with a weight average validates, saves and keeps a moving average of its "
               "weights over that share of its steps. Training time sums the epochs' training passes and the "
               "feature caching of a frozen body (validation not included); images/s is the last epoch's "
               "training throughput.</p>")

@@ -41,7 +41,7 @@ from headstart.errors import HeadstartError
 from headstart.models.freeze import unfreeze_last
 from headstart.models.network import Network
 from headstart.training.cache import cache_root
-from headstart.training.optim import apply_stage, build_optimizer, finetune_stage, stage_warmup
+from headstart.training.optim import apply_stage, build_optimizer, finetune_stage, stage_climb
 
 MIN_EPOCHS = 3
 LONG_EPOCHS = 8  # a plan that fits this many epochs beats a deeper one that fits fewer (see choose)
@@ -181,7 +181,7 @@ def with_plan(stages: list[StageConfig], plan: dict[str, Any], net: Network, cfg
     return stages + ([planned] if planned is not None else [])
 
 
-def patience_counts(stage: StageConfig, done: int, tc: TrainConfig) -> bool:
+def patience_counts(stage: StageConfig, done: int, tc: TrainConfig, steps_per_epoch: int) -> bool:
     """Whether ``done`` epochs of ``stage`` are far enough into its decay for early stopping to count them:
     past the warm-up and past half of the decay that follows it.
 
@@ -192,7 +192,8 @@ def patience_counts(stage: StageConfig, done: int, tc: TrainConfig) -> bool:
     three flat epochs at the top of the rate (its best, 86.3%, at epoch 5); the whole network's
     5 epochs, decayed to the end, reached 87.1%.
     """
-    warm = stage_warmup(stage, tc)
+    total = max(1, steps_per_epoch * stage.epochs)
+    warm = stage_climb(stage, tc, total)[0] / total
     return done > (warm + (1 - warm) / 2) * stage.epochs
 
 

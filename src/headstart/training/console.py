@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from headstart.config import StageConfig
-from headstart.training.optim import StagePlan
+from headstart.config import StageConfig, TrainConfig
+from headstart.training.optim import StagePlan, stage_climb
 
 # The seed's last two steps, continuing the numbers the job's narration gives steps 1-4.
 SEED_STEPS = {"head": "5. train the classifier, ", "finetune": "6. fine-tune, "}
@@ -27,6 +27,15 @@ def stage_lines(plan: StagePlan, si: int, n: int) -> list[str]:
     return [f"\n== {step}stage {si + 1}/{n}: {plan.name} ({plan.what}) — {length}, BatchNorm {plan.bn}",
             f"   frozen: {', '.join(frozen) or 'nothing'}",
             f"   training: {', '.join(live)}  ({plan.trainable:,} of {plan.total:,} parameters)"]
+
+
+def climb_line(stage: StageConfig, steps: int, tc: TrainConfig) -> str | None:
+    """The console's line for a stage too short to climb to its full rate (None: it reaches it)."""
+    warm, peak = stage_climb(stage, tc, steps)
+    if peak >= 1 or tc.scheduler == "constant" or stage.warmup_steps is None:
+        return None
+    return (f"   warm-up: {warm} of its {steps} steps, short of the {stage.warmup_steps} the climb to the full rate "
+            f"takes: the rate peaks at {peak:.0%} of lr")
 
 
 def epoch_line(row: dict[str, Any], stage: StageConfig) -> str:

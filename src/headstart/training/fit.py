@@ -34,7 +34,7 @@ from headstart.runtime.distributed import all_sum, init_from_env, local_device
 from headstart.training import budget
 from headstart.training.averaging import WeightAverage
 from headstart.training.budget import PATIENCE, PLANNED, Deadline, make_plan, parse_duration, planned_stage, with_plan
-from headstart.training.console import epoch_line, stage_lines
+from headstart.training.console import climb_line, epoch_line, stage_lines
 from headstart.training.head_solver import solvable_final, solve_head
 from headstart.training.inputs import BodyEngine, StageInputs
 from headstart.training.loop import (
@@ -254,6 +254,8 @@ def _stage_run(job: _Fit, si: int, stage: StageConfig, inputs: StageInputs) -> S
     opt = build_optimizer(job.net, stage, tc)
     steps = steps_per_epoch(job.data.train, job.cfg) * stage.epochs
     sched = build_scheduler(opt, steps, tc, stage)
+    if (line := climb_line(stage, steps, tc)) is not None:
+        job.say(line)
     average = None
     if stage.average > 0:  # resumed mid-stage, the network holds the saved average and state the live weights
         average = (WeightAverage.resume(job.net, stage.average, steps, state.average) if state.average is not None
@@ -384,7 +386,8 @@ def _end_epoch(job: _Fit, sr: StageRun, epoch: int, row: dict[str, Any]) -> None
     patience, counts = job.cfg.train.patience, True
     if patience is None and state.plan is not None and sr.stage.name == PLANNED:
         # The budget's stage stops when validation stops improving, once half of its decay is over.
-        patience, counts = PATIENCE, budget.patience_counts(sr.stage, epoch + 1, job.cfg.train)
+        per_epoch = steps_per_epoch(job.data.train, job.cfg)
+        patience, counts = PATIENCE, budget.patience_counts(sr.stage, epoch + 1, job.cfg.train, per_epoch)
     state.track_best(row, patience, counts=counts)
     job.say(epoch_line(row, sr.stage))
     if job.writer is not None:

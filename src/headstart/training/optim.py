@@ -64,7 +64,8 @@ def finetune_stage(cfg: TrainConfig, name: str, epochs: int, freeze: str,
     the budget's planned stage all fine-tune this way)."""
     return StageConfig(name=name, epochs=epochs, freeze=freeze, lr=cfg.finetune_lr,
                        layer_decay=cfg.layer_decay if layer_decay is None else layer_decay,
-                       bn=cfg.finetune_bn, warmup=cfg.finetune_warmup, average=cfg.finetune_average,
+                       bn=cfg.finetune_bn, warmup=cfg.finetune_warmup, warmup_steps=cfg.finetune_warmup_steps or None,
+                       average=cfg.finetune_average,
                        lr_mult={"head": cfg.finetune_head_mult} if cfg.finetune_head_mult != 1.0 else {})
 
 
@@ -143,6 +144,7 @@ class StagePlan:
     total: int
     solve: bool = False  # the final layer is solved after the epochs (one more epoch row)
     average: float = 0.0  # the weight average's span, a fraction of the stage's steps (0: none)
+    warmup_steps: int | None = None  # the steps the warm-up's climb to the full rate takes (see warmup_steps)
 
     @property
     def what(self) -> str:
@@ -168,7 +170,8 @@ def describe_stage(net: Network, stage: StageConfig, cfg: RunConfig) -> StagePla
                      layer_decay=stage.layer_decay,
                      freeze=stage.freeze, bn=stage.bn, states=trainable_state(net), bn_modes=bn_mode(net),
                      lrs=group_lrs(net, stage, 1.0 if lr == "auto" else float(lr)), cache=cache_plan(net, cfg),
-                     trainable=trainable, total=total, solve=stage.solve, average=stage.average)
+                     trainable=trainable, total=total, solve=stage.solve, average=stage.average,
+                     warmup_steps=stage.warmup_steps)
 
 
 def cache_plan(net: Network, cfg: RunConfig) -> str:
@@ -242,22 +245,44 @@ def build_optimizer(net: Network, stage: StageConfig, cfg: TrainConfig) -> torch
     raise HeadstartError(f"unknown optimizer {cfg.optimizer!r}: use adamw, radam or sgd")
 
 
-def lr_factor(step: int, total: int, warmup: float, kind: str = "cosine") -> float:
+def lr_factor(step: int, total: int, warmup: float, kind: str = "cosine", climb: int | None = None) -> float:
     """Multiplier of each group's rate at ``step`` of ``total``: linear warmup, then cosine to 0.
 
     ``onecycle`` warms up over 30% of the steps by default and anneals to 1/1000 of the peak.
+    With ``climb`` the warm-up lasts at most ``climb`` steps, and a stage whose warm-up is shorter
+    peaks below the full rate (see :func:`warmup_steps`).
     """
     total = max(1, total)
     if kind == "constant":
         return 1.0
     if kind not in SCHEDULERS:
         raise HeadstartError(f"unknown scheduler {kind!r}: use {', '.join(SCHEDULERS)}")
-    warm = round(total * (warmup if kind == "cosine" else max(warmup, 0.3)))
+    warm, peak = warmup_steps(total, warmup if kind == "cosine" else max(warmup, 0.3), climb)
     if step < warm:
-        return (step + 1) / (warm + 1)
+        return peak * (step + 1) / (warm + 1)
     progress = (step - warm) / max(1, total - warm)
     floor = 1e-3 if kind == "onecycle" else 0.0
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def warmup_steps(total: int, warmup: float, climb: int | None = None) -> tuple[int, float]:
+    """The warm-up of a ``total``-step stage, in steps, and the peak it climbs to (a fraction of the rate).
+
+    Without ``climb`` the warm-up is the ``warmup`` fraction of the steps and climbs to the full
+    rate. With it the rate climbs at one ``climb``-th of the full rate per step: a long stage
+    reaches the full rate after ``climb`` steps, and a stage whose ``warmup`` fraction is fewer
+    steps stops climbing there and peaks lower (fine-tuning: :func:`finetune_stage`).
+
+    Example::
+
+        >>> warmup_steps(1000, 0.5, climb=60), warmup_steps(40, 0.5, climb=60), warmup_steps(40, 0.5)
+        ((60, 1.0), (20, 0.3333333333333333), (20, 1.0))
+    """
+    warm = round(total * warmup)
+    if climb is None or warm == 0:
+        return warm, 1.0
+    warm = min(warm, climb)
+    return warm, warm / climb
 
 
 def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: TrainConfig,
@@ -267,9 +292,16 @@ def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: TrainConf
     The stage's own ``warmup`` wins over ``train.warmup`` (:func:`stage_warmup`).
     """
     warmup = stage_warmup(stage, cfg) if stage is not None else cfg.warmup
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, cfg.scheduler))
+    climb = stage.warmup_steps if stage is not None else None
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup, cfg.scheduler, climb))
 
 
 def stage_warmup(stage: StageConfig, cfg: TrainConfig) -> float:
     """The fraction of ``stage``'s steps spent warming up: its own, else ``train.warmup``."""
     return stage.warmup if stage.warmup is not None else cfg.warmup
+
+
+def stage_climb(stage: StageConfig, cfg: TrainConfig, total: int) -> tuple[int, float]:
+    """The warm-up of ``stage`` over ``total`` steps, in steps, and the peak it reaches, as the scheduler runs it."""
+    warmup = stage_warmup(stage, cfg)
+    return warmup_steps(max(1, total), warmup if cfg.scheduler == "cosine" else max(warmup, 0.3), stage.warmup_steps)
