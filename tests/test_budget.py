@@ -207,6 +207,22 @@ def test_prefix_plans_keep_the_views_whose_cache_fits_and_are_dropped_when_none_
     assert two.extract_s / five.extract_s == pytest.approx((64 * 2 + 32) / (64 * PREFIX_VIEWS + 32), rel=1e-6)
 
 
+def test_a_deeper_plan_timed_faster_than_a_shallower_one_is_pooled_with_it(tmp_path, monkeypatch):
+    base = {"model.name": "resnet18", "model.weights": "none", "model.input_size": 32, "data.source": "digits",
+            "data.limit_train": 64, "data.limit_val": 32, "data.batch_size": 16, "train.progress": False,
+            "train.device": "cpu", "cache.dir": str(tmp_path / "cache")}
+    cfg = apply_overrides(RunConfig(), base)
+    net, data = prepare(cfg)
+    steps = {1: 1.0, 2: 2.0, 3: 9.0, 4: 5.0, 5: 10.0}  # the last 4 groups timed faster than the last 3
+    monkeypatch.setattr(budget, "_time_plan", lambda net, cfg, k, x, y: (0.0 if k == 5 else 0.01, steps[k], 0.0, 4))
+    candidates = budget.measure_plans(net, data, cfg, torch.device("cpu"))
+    per_step = [c.epoch_s / 4 for c in candidates]  # 64 images / 16 a batch = 4 steps an epoch
+    assert per_step[:2] == pytest.approx([1.0, 2.0]) and per_step[2] == per_step[3] == pytest.approx(7.0)
+    assert per_step[4] > per_step[3] and [c.pooled for c in candidates] == [False, False, True, True, False]
+    lines = budget.Plan(900, 800, candidates, budget.choose(candidates, 800)).lines()
+    assert sum("s/epoch*->" in line for line in lines) == 2 and "* pooled: a deeper plan timed faster" in lines[-1]
+
+
 def test_a_resumed_budget_run_keeps_its_plan(tmp_path, monkeypatch):
     """Stopped in the planned stage, the run resumes into the same stage, refitted length included: the planner
     does not run again."""

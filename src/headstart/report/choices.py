@@ -15,12 +15,13 @@ def budget_notes(run: RunRecord) -> str:
     for i, c in enumerate(plan.get("candidates") or []):
         name = "the whole network" if c["groups"] >= c["of"] else f"the last {c['groups']} of {c['of']} groups"
         rows.append([name + (" (chosen)" if i == plan.get("chosen") else ""), duration(c["extract_s"]),
-                     duration(c["epoch_s"]), str(c["epochs"])])
+                     duration(c["epoch_s"]) + (" (pooled)" if c.get("pooled") else ""), str(c["epochs"])])
     ran = sum(1 for r in run.history if r.get("stage") == "finetune")
     head = (f"<h3>Budget</h3><p>Budget {duration(plan['budget_s'])}; {duration(plan['left_s'])} were left after "
             f"the head stage. Each fine-tuning plan was timed over a few steps; the deepest that fits 8 epochs "
             f"runs (else the deepest that fits 3, else the one that fits the most), stopping when validation "
-            f"stops improving past its warm-up and half of its decay. "
+            f"stops improving past its warm-up and half of its decay. A deeper plan never trains faster than a "
+            f"shallower one: where the timings said so, their estimates were pooled (averaged). "
             f"Fine-tuning ran {ran} epoch(s); the whole job took {duration(run.summary.get('wall_seconds'))}."
             f"{_refit_text(plan)}</p>")
     return head + html_table(["plan", "one-off extraction", "per epoch", "epochs that fit"], rows, "budget")
