@@ -220,8 +220,8 @@ def test_fit_lrs_follow_warmup_cosine_per_stage(tmp_path, monkeypatch):
     lines: list[str] = []
     result = fit(net, data, cfg, run, say=lines.append)
     assert [r["stage"] for r in result.history] == ["head", "head", "finetune"]
-    assert "   warm-up: 2 of its 4 steps, short of the 6 the climb to the full rate takes: the rate peaks at 33% of lr" \
-        in lines
+    climb = "   warm-up: 2 of its 4 steps, short of the 6 the climb to the full rate takes: the rate peaks at 33% of lr"
+    assert climb in lines
     head = [r for r in records if r["stage"] == "head"]
     ft = [r for r in records if r["stage"] == "finetune"]
     assert len(head) == 8 and len(ft) == 4  # 64 images / 16 per batch = 4 steps per epoch
