@@ -32,7 +32,7 @@ def stage_lines(plan: StagePlan, si: int, n: int) -> list[str]:
 def climb_line(stage: StageConfig, steps: int, tc: TrainConfig) -> str | None:
     """The console's line for a stage too short to climb to its full rate (None: it reaches it)."""
     warm, peak = stage_climb(stage, tc, steps)
-    if peak >= 1 or tc.scheduler == "constant" or stage.warmup_steps is None:
+    if peak >= 1 or tc.scheduler == "constant":  # a constant schedule has no warm-up at all
         return None
     return (f"   warm-up: {warm} of its {steps} steps, short of the {stage.warmup_steps} the climb to the full rate "
             f"takes: the rate peaks at {peak:.0%} of lr")
