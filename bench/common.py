@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tarfile
 import time
@@ -244,3 +245,15 @@ def fresh_dir(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
+
+
+def run_headstart(args: list[str], log_file: Path, threads: int) -> None:
+    """``headstart ARGS`` in a subprocess on ``threads`` threads, its output in ``log_file``; exits with the
+    log's tail when it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "headstart", *args], stdout=f, stderr=subprocess.STDOUT,
+                              env=env, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"headstart failed ({proc.returncode}); log {log_file}:\n{log_file.read_text()[-3000:]}")

@@ -16,9 +16,7 @@ weights as trained.
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,15 +58,9 @@ def run(args: Any, name: str, recipe: str) -> dict[str, Any]:
     run_name = f"{name}-{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     book = ["--output", str(runs), "--name", run_name, "--no-progress", "--no-report", "--no-tensorboard",
             "--cache-dir", str(common.fresh_dir(Path(args.work_dir) / "rule2-cache"))]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     common.log("$ " + shlex.join(cmd))
-    runs.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(runs / f"{run_name}.log", "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "headstart", *cmd[1:], *book], stdout=f,
-                              stderr=subprocess.STDOUT, env=env, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"headstart train failed ({proc.returncode}); log {runs / f'{run_name}.log'}")
+    common.run_headstart([*cmd[1:], *book], runs / f"{run_name}.log", args.threads)
     rows = [json.loads(line) for line in (runs / run_name / "metrics.jsonl").read_text().splitlines() if line]
     head = [r["val_acc"] for r in rows if r["stage"] == "head"][-1]
     tuned = [r for r in rows if r["stage"] == "finetune"]

@@ -28,9 +28,7 @@ backbone (``SIZES``).
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
 import sys
 import tarfile
 import time
@@ -111,17 +109,10 @@ def headstart_run(args: Any, folder: Path, name: str, cache: Path, extra: list[s
     runs = Path(args.work_dir) / "quality-runs"
     book = ["--cache-dir", str(cache), "--output", str(runs), "--name", name, "--no-progress", "--no-report",
             "--no-tensorboard"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    log_file = runs / f"{name}.log"
-    runs.mkdir(parents=True, exist_ok=True)
     common.log("$ " + shlex.join(cmd))
     start = time.perf_counter()
-    with open(log_file, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "headstart", *cmd[1:], *book], stdout=f,
-                              stderr=subprocess.STDOUT, env=env, check=False)
+    common.run_headstart([*cmd[1:], *book], runs / f"{name}.log", args.threads)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"headstart train failed ({proc.returncode}); log {log_file}:\n{log_file.read_text()[-3000:]}")
     run_dir = runs / name
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -56,7 +56,7 @@ class StageInputs:
         self.n_views = max(1, (views or cfg.cache.views) if cfg.data.augment else 1)
         self.view_seconds = 0.0  # extracting the view the current epoch cycled to (0: it was cached)
         self.precision = resolve_precision(tc.precision, device)
-        self.channels_last = tc.channels_last if tc.channels_last is not None else True
+        self.channels_last = tc.channels_last is not False  # auto (None) means on
         if self.channels_last:
             net.to(memory_format=torch.channels_last)
         self.cut = 0  # chain steps whose output is cached (prefix part only)
