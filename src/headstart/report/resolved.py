@@ -17,7 +17,7 @@ from typing import Any
 #: Settings left to the run whose choice no file in the run folder records (device, precision and
 #: loader choices are made when training starts and are not saved).
 UNRECORDED = ("data.workers", "data.in_memory", "data.batch_transforms", "train.precision",
-              "train.channels_last", "train.device")
+              "train.channels_last", "train.micro_batch", "train.device")
 
 NOT_RECORDED = "auto: the run folder does not record what the run chose"
 

@@ -40,7 +40,9 @@ from headstart.data import DataBundle, make_loader
 from headstart.errors import HeadstartError
 from headstart.models.freeze import unfreeze_last
 from headstart.models.network import Network
+from headstart.runtime.chunks import batch_statistics, chunk_size, chunked
 from headstart.training.cache import cache_root
+from headstart.training.loop import chunk_shares
 from headstart.training.optim import apply_stage, build_optimizer, finetune_stage, stage_climb
 
 MIN_EPOCHS = 3
@@ -305,10 +307,13 @@ def _time_plan(net: Network, cfg: RunConfig, k: int, x: torch.Tensor,
     stage = finetune_stage(tc, "probe", 1, unfreeze_last(probe, "all" if k >= len(net.groups) else k))
     apply_stage(probe, stage)
     cut = probe.frozen_prefix() if cfg.cache.enabled and probe.chain is not None and k < len(net.groups) else 0
+    if tc.channels_last is not False and x.ndim == 4:  # as the stage runs it (StageInputs)
+        x = x.contiguous(memory_format=torch.channels_last)
     per_prefix = 0.0
     with torch.inference_mode():
         start = now()
-        a = probe.eval().run_steps(x, 0, cut) if cut else x
+        probe.eval()
+        a = chunked(lambda t: probe.run_steps(t, 0, cut), x, chunk_size(x, x.device, tc.micro_batch)) if cut else x
         if cut:
             _write_like_the_cache(a, cache_root(cfg.cache.dir))
             per_prefix = (now() - start) / len(x)
@@ -317,18 +322,20 @@ def _time_plan(net: Network, cfg: RunConfig, k: int, x: torch.Tensor,
     opt = build_optimizer(probe, stage, tc)
     loss_fn = torch.nn.CrossEntropyLoss()
     probe.train()
+    # chunked as train_one_epoch chunks: auto leaves batches whole while a BatchNorm updates
+    size = len(a) if tc.micro_batch is None and batch_statistics(probe) else chunk_size(a, a.device, tc.micro_batch)
     times = []
     for _ in range(3):  # the first step warms up allocations and is not counted
         start = now()
-        loss = loss_fn(rest(a), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for part, share in chunk_shares(loss_fn, y, size):
+            (loss_fn(rest(a[part]), y[part]) * share).backward()
         opt.step()
         times.append(now() - start)
     probe.eval()
     with torch.inference_mode():
         start = now()
-        rest(a)
+        chunked(rest, a, chunk_size(a, a.device, tc.micro_batch))
         per_val = (now() - start) / len(x)
     return per_prefix, sum(times[1:]) / 2, per_val, a[0].numel() * 4
 

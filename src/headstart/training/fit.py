@@ -134,7 +134,8 @@ def fit(
             stages += [s for s in [_plan(job)] if s is not None]
     if final is None:  # nothing trained (no epochs, or a resumed, finished run): evaluate once
         final = evaluate(net, make_loader(data.val, batch_size=cfg.data.batch_size * 2, shuffle=False,
-                                          workers=cfg.data.workers, seed=cfg.train.seed), data.classes, job.device)
+                                          workers=cfg.data.workers, seed=cfg.train.seed), data.classes, job.device,
+                         micro_batch=cfg.train.micro_batch)
     folder = job.run.path if job.run is not None else None
     best = folder / "best.pt" if folder is not None and (folder / "best.pt").exists() else None
     return FitResult(job.state.best, final, job.state.history, folder, time.perf_counter() - job.started,
@@ -290,7 +291,8 @@ def _run_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tupl
         raise Diverged(e.reason, e.batch, message=text) from None
     live = _live_accuracy(job, sr, inputs)
     with sr.averaged():
-        report = evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device)
+        report = evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device,
+                          micro_batch=job.cfg.train.micro_batch)
     state.global_epoch += 1
     setup, inputs.setup_seconds = inputs.setup_seconds, 0.0  # reported once, with the stage's first epoch
     return live | {
@@ -305,7 +307,8 @@ def _live_accuracy(job: _Fit, sr: StageRun, inputs: StageInputs) -> dict[str, fl
     """With a weight average, the validation accuracy of the weights as trained (the row's ``val_acc_live``)."""
     if sr.average is None:
         return {}
-    return {"val_acc_live": evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device).top1}
+    return {"val_acc_live": evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device,
+                          micro_batch=job.cfg.train.micro_batch).top1}
 
 
 def _solve_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tuple[dict[str, Any], ClassReport]:
@@ -334,7 +337,8 @@ def _solve_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tu
     rows = TensorDataset(torch.from_numpy(features), torch.as_tensor(targets))
     fitted = evaluate(head, make_loader(rows, batch_size=4096, shuffle=False, workers=0, seed=0),
                       job.data.classes, job.device)
-    report = evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device)
+    report = evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device,
+                          micro_batch=job.cfg.train.micro_batch)
     state.global_epoch += 1
     setup, inputs.setup_seconds = inputs.setup_seconds, 0.0
     return {
@@ -374,7 +378,8 @@ def _train_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int, loade
     return train_one_epoch(job.net, loader, sr.opt, sr.sched, job.loss_fn, job.device, tc.progress,
                            f"{sr.stage.name} {epoch + 1}/{sr.stage.epochs}", forward=inputs.forward(),
                            precision=inputs.precision, mix=inputs.mix(), channels_last=inputs.channels_last,
-                           after_step=after_step, start=begun, on_batch=on_batch if clock is not None else None)
+                           after_step=after_step, start=begun, on_batch=on_batch if clock is not None else None,
+                           micro_batch=tc.micro_batch)
 
 
 def _end_epoch(job: _Fit, sr: StageRun, epoch: int, row: dict[str, Any]) -> None:

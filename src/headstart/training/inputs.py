@@ -134,7 +134,8 @@ class StageInputs:
                                desc=f"{what} {split}" + (f" view {view}" if split == "train" else ""),
                                precision=self.precision, policy=self.cfg.data.auto_augment,
                                data_fp=self.data_fps[id(ds)], part=self.part or "body",
-                               run=self._prefix if self.part != "body" else self.runner, engine=self.engine)
+                               run=self._prefix if self.part != "body" else self.runner, engine=self.engine,
+                               micro_batch=self.cfg.train.micro_batch)
 
     def train_view(self, epoch: int) -> Any:
         """The training set of ``epoch``: the images, or the cached view the epoch cycles to."""

@@ -25,6 +25,7 @@ from headstart.data import DataBundle
 from headstart.errors import HeadstartError
 from headstart.models.network import Network
 from headstart.progress import Progress
+from headstart.runtime.chunks import batch_statistics, chunk_size, spans
 from headstart.runtime.distributed import all_sum
 from headstart.runtime.precision import Precision
 from headstart.training.optim import lr_flag, stage_lr
@@ -134,6 +135,7 @@ def train_one_epoch(
     after_step: Callable[[float, torch.optim.Optimizer], None] | None = None,
     start: EpochProgress | None = None,
     on_batch: Callable[[EpochProgress], None] | None = None,
+    micro_batch: int | None = None,
 ) -> EpochStats:
     """One pass over ``loader``, stepping the optimizer and the per-step schedule.
 
@@ -145,10 +147,12 @@ def train_one_epoch(
     ``start`` continues an epoch cut short (``loader`` then holds only its remaining batches):
     its sums go on accumulating exactly as if the epoch had never stopped. ``on_batch`` is called
     after every step with the epoch's progress so far (``fit`` writes mid-epoch checkpoints there).
+    ``micro_batch`` runs each batch that many images at a time, adding up the gradients for one
+    step (None: auto, see :mod:`headstart.runtime.chunks`).
     Raises :class:`Diverged` on a loss that is not finite, before the rate moves on.
     """
     # long function: the per-batch loop reads top to bottom (move, forward, loss, step, sums,
-    # mid-epoch checkpoint); pieces split out would each need most of its 16 arguments.
+    # mid-epoch checkpoint); pieces split out would each need most of its 17 arguments.
     forward = forward or net.forward_train
     precision = precision or Precision(None, None, device.type)
     net.train()
@@ -156,6 +160,8 @@ def train_one_epoch(
     total_loss, correct, seen, batch = p.loss_sum, p.correct, p.seen, p.batches
     began = time.perf_counter() - p.seconds
     skips = _SkippedSteps(precision.scaler)
+    # auto micro-batches only where a chunk's step equals the whole batch's (no batch statistics)
+    whole = micro_batch is None and batch_statistics(net)
     bar = Progress(loader, len(loader), desc, enabled=progress)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -163,16 +169,23 @@ def train_one_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         if mix is not None:
             x, y = mix(x, y)
-        with precision.autocast():
-            logits, aux = forward(x)
-            loss = loss_fn(logits.float(), y)
-            for a in aux:
-                loss = loss + AUX_WEIGHT * loss_fn(a.float(), y)
-        skips.check(batch)  # the previous step's, once this step's forward is queued
         batch += 1
         opt.zero_grad(set_to_none=True)
-        _backward_step(loss, opt, precision, on_step)
-        step_loss = float(loss.detach())  # one device sync per step
+        size = x.shape[0] if whole else chunk_size(x, device, micro_batch)
+        step_loss, right = 0.0, 0
+        for i, (part, share) in enumerate(chunk_shares(loss_fn, y, size)):
+            with precision.autocast():
+                logits, aux = forward(x[part])
+                loss = loss_fn(logits.float(), y[part])
+                for a in aux:
+                    loss = loss + AUX_WEIGHT * loss_fn(a.float(), y[part])
+            if i == 0:
+                skips.check(batch - 1)  # the previous step's, once this step's forward is queued
+            _backward(loss * share if share != 1 else loss, precision)
+            step_loss += float(loss.detach()) * share  # one device sync per chunk
+            hard = y[part].argmax(1) if y.ndim == 2 else y[part]
+            right += int((logits.detach().argmax(1) == hard).sum())
+        _step(opt, precision, on_step)
         if not math.isfinite(step_loss):
             raise Diverged(f"the training loss is {step_loss}", batch)
         if after_step is not None:
@@ -180,8 +193,7 @@ def train_one_epoch(
         sched.step()
         n = y.shape[0]
         total_loss += step_loss * n
-        hard = y.argmax(1) if y.ndim == 2 else y
-        correct += int((logits.detach().argmax(1) == hard).sum())
+        correct += right
         seen += n
         bar.update(n, loss=total_loss / seen, acc=correct / seen)
         if on_batch is not None:
@@ -193,18 +205,40 @@ def train_one_epoch(
     return EpochStats(total_loss / max(1, seen), correct / max(1, seen), int(seen), time.perf_counter() - began)
 
 
-def _backward_step(loss: torch.Tensor, opt: torch.optim.Optimizer, precision: Precision,
-                   on_step: Callable[[torch.optim.Optimizer], None] | None) -> None:
-    scaler = precision.scaler
-    if scaler is None:
+def chunk_shares(loss_fn: nn.Module, y: torch.Tensor, size: int) -> list[tuple[slice, float]]:
+    """The batch's chunks of ``size`` and each one's share of the batch's loss.
+
+    The shares weight the chunks' mean losses so that they add up to the whole batch's mean loss
+    (and their gradients to its gradient): a chunk's count over the batch's, or, for a loss with
+    class weights on hard labels, its summed weights over the batch's (PyTorch's weighted mean).
+    """
+    n = y.shape[0]
+    parts = spans(n, size)
+    if len(parts) == 1:
+        return [(parts[0], 1.0)]
+    weight = getattr(loss_fn, "weight", None)
+    if weight is not None and y.ndim == 1:
+        w = weight[y]
+        total = float(w.sum())
+        return [(p, float(w[p].sum()) / total) for p in parts]
+    return [(p, (p.stop - p.start) / n) for p in parts]
+
+
+def _backward(loss: torch.Tensor, precision: Precision) -> None:
+    if precision.scaler is None:
         loss.backward()
-        if on_step is not None:
-            on_step(opt)
-        opt.step()
-        return
-    scaler.scale(loss).backward()
+    else:
+        precision.scaler.scale(loss).backward()
+
+
+def _step(opt: torch.optim.Optimizer, precision: Precision,
+          on_step: Callable[[torch.optim.Optimizer], None] | None) -> None:
+    scaler = precision.scaler
     if on_step is not None:
         on_step(opt)
+    if scaler is None:
+        opt.step()
+        return
     scaler.step(opt)
     scaler.update()
 
