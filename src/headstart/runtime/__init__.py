@@ -1,4 +1,4 @@
-"""Where and how computation runs: device choice, seeding, precision and distributed training.
+"""Where and how computation runs: device choice, seeding, precision, micro-batches and distributed training.
 
 The lowest layer above the foundations: it knows torch, not models or data.
 """

@@ -49,7 +49,6 @@ from headstart.errors import HeadstartError
 from headstart.files import unwritable, unwritable_cause, write_atomically
 from headstart.models.network import Network
 from headstart.progress import Progress
-from headstart.runtime.chunks import chunk_size, chunked
 
 log = logging.getLogger(__name__)
 DEFAULT_DIR = "~/.cache/headstart/features"
@@ -271,10 +270,8 @@ def make_key(net: Network, body_fp: str, ds: Any, kind: str, view: int, augment_
 @torch.inference_mode()
 def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.device, view_seed: int | None,
             progress: bool, desc: str, precision: Any = None,
-            run: Callable[[torch.Tensor], torch.Tensor] | None = None, micro_batch: int | None = None) -> None:
-    """Run the body (or ``run``, a part of it) over ``ds`` once; write the outputs to ``out`` atomically.
-
-    ``micro_batch``: images per forward pass (None: auto, see :mod:`headstart.runtime.chunks`)."""
+            run: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Run the body (or ``run``, a part of it) over ``ds`` once; write the outputs to ``out`` atomically."""
     run = run or net.features
     net.eval()
     loader = make_loader(ds, batch_size=batch_size, shuffle=False, workers=None, seed=view_seed or 0)
@@ -287,8 +284,7 @@ def extract(net: Network, ds: Any, out: Path, *, batch_size: int, device: torch.
     try:
         for x, _ in bar:
             with precision.autocast() if precision is not None else contextlib.nullcontext():
-                x = x.to(device)
-                f = chunked(run, x, chunk_size(x, device, micro_batch)).float().cpu().numpy()
+                f = run(x.to(device)).float().cpu().numpy()
             if mm is None:
                 mm = _open_output(tmp, out, (len(ds), *f.shape[1:]))
             mm[at : at + len(f)] = f
@@ -326,8 +322,7 @@ def _open_output(tmp: Path, out: Path, shape: tuple[int, ...]) -> np.memmap:
 def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int, seed: int, root: Path,
                     batch_size: int, device: torch.device, progress: bool, desc: str, precision: Any = None,
                     policy: str = "none", data_fp: str | None = None, part: str = "body", engine: str = "torch",
-                    run: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    micro_batch: int | None = None) -> FeatureDataset:
+                    run: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FeatureDataset:
     """The features of ``ds`` for ``view``, computed now unless a complete cache entry exists.
 
     ``run`` and ``part`` cache a prefix of the body instead (see :meth:`Network.frozen_prefix`);
@@ -347,7 +342,7 @@ def cached_features(net: Network, ds: Any, *, body_fp: str, kind: str, view: int
         try:
             extract(net, ds, cache.file(view), batch_size=batch_size, device=device,
                     view_seed=seed * 1009 + view if view > 0 else None, progress=progress, desc=desc,
-                    precision=precision, run=run, micro_batch=micro_batch)
+                    precision=precision, run=run)
         finally:
             ds.transform = saved
         meta = {"images": len(ds), "model": net.name, "part": part, "view": view,

@@ -291,8 +291,7 @@ def _run_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tupl
         raise Diverged(e.reason, e.batch, message=text) from None
     live = _live_accuracy(job, sr, inputs)
     with sr.averaged():
-        report = evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device,
-                          micro_batch=job.cfg.train.micro_batch)
+        report = inputs.validate(job.data.classes)
     state.global_epoch += 1
     setup, inputs.setup_seconds = inputs.setup_seconds, 0.0  # reported once, with the stage's first epoch
     return live | {
@@ -307,8 +306,7 @@ def _live_accuracy(job: _Fit, sr: StageRun, inputs: StageInputs) -> dict[str, fl
     """With a weight average, the validation accuracy of the weights as trained (the row's ``val_acc_live``)."""
     if sr.average is None:
         return {}
-    return {"val_acc_live": evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device,
-                          micro_batch=job.cfg.train.micro_batch).top1}
+    return {"val_acc_live": inputs.validate(job.data.classes).top1}
 
 
 def _solve_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tuple[dict[str, Any], ClassReport]:
@@ -337,8 +335,7 @@ def _solve_epoch(job: _Fit, sr: StageRun, inputs: StageInputs, epoch: int) -> tu
     rows = TensorDataset(torch.from_numpy(features), torch.as_tensor(targets))
     fitted = evaluate(head, make_loader(rows, batch_size=4096, shuffle=False, workers=0, seed=0),
                       job.data.classes, job.device)
-    report = evaluate(inputs.eval_model(), inputs.val_loader(), job.data.classes, job.device,
-                          micro_batch=job.cfg.train.micro_batch)
+    report = inputs.validate(job.data.classes)
     state.global_epoch += 1
     setup, inputs.setup_seconds = inputs.setup_seconds, 0.0
     return {

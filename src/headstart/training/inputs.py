@@ -22,7 +22,10 @@ from torch.utils.data import DataLoader
 
 from headstart.config import RunConfig
 from headstart.data import DataBundle, make_loader
+from headstart.evaluation.inference import evaluate
+from headstart.evaluation.metrics import ClassReport
 from headstart.models.network import Network
+from headstart.runtime.chunks import chunk_size, chunked
 from headstart.runtime.distributed import barrier, ddp_forward
 from headstart.runtime.distributed import world as current_world
 from headstart.runtime.precision import resolve_precision
@@ -113,7 +116,14 @@ class StageInputs:
         return self.net.chain[self.cut - 1].name if self.net.chain and self.cut else "-"
 
     def _prefix(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.run_steps(x, 0, self.cut)
+        return self._chunked(lambda t: self.net.run_steps(t, 0, self.cut), x)
+
+    def _body(self, x: torch.Tensor) -> torch.Tensor:
+        return self._chunked(self.net.features, x)
+
+    def _chunked(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``run(x)`` in micro-batches, as training runs them (``runtime/chunks.py``)."""
+        return chunked(run, x, chunk_size(x, self.device, self.cfg.train.micro_batch))
 
     def _features(self, ds: Any, view: int, split: str) -> Any:
         # Under torchrun rank 0 extracts; the others wait, then read the same complete entry.
@@ -134,8 +144,8 @@ class StageInputs:
                                desc=f"{what} {split}" + (f" view {view}" if split == "train" else ""),
                                precision=self.precision, policy=self.cfg.data.auto_augment,
                                data_fp=self.data_fps[id(ds)], part=self.part or "body",
-                               run=self._prefix if self.part != "body" else self.runner, engine=self.engine,
-                               micro_batch=self.cfg.train.micro_batch)
+                               run=self._prefix if self.part != "body" else self.runner or self._body,
+                               engine=self.engine)
 
     def train_view(self, epoch: int) -> Any:
         """The training set of ``epoch``: the images, or the cached view the epoch cycles to."""
@@ -210,6 +220,11 @@ class StageInputs:
         if self.part == "body":
             return self.net.head
         return _FromCut(self.net, self.cut) if self.part is not None else self.net
+
+    def validate(self, classes: list[str]) -> ClassReport:
+        """The stage's network as it stands, on the validation split (micro-batched as training is)."""
+        return evaluate(self.eval_model(), self.val_loader(), classes, self.device,
+                        micro_batch=self.cfg.train.micro_batch)
 
     def val_loader(self) -> DataLoader:
         """The validation set's loader: images, or their cached features."""
