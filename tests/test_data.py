@@ -388,6 +388,17 @@ def test_transforms() -> None:
         build_transform(Preprocessing(interpolation="lanczos9"), train=False, augment=False)
 
 
+@pytest.mark.parametrize("kind, policy", [("digits", "none"), ("photo", "randaugment"), ("photo", "trivialaugment")])
+def test_bicubic_models_augment_every_kind(kind: str, policy: str) -> None:
+    # timm's EfficientNets resize bicubically; torchvision warps image tensors only nearest or
+    # bilinear, so the digits' affine and the policies' rotations must not inherit bicubic.
+    pre = Preprocessing(crop=16, resize=18, interpolation="bicubic")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 12, 3), dtype=np.uint8))
+    tr = build_transform(pre, train=True, augment=True, kind=kind, policy=policy)
+    torch.manual_seed(0)
+    assert all(tr(img).shape == (3, 16, 16) for _ in range(8))
+
+
 def test_loader_same_seed_same_order(three_classes: Path) -> None:
     b = build_data(_cfg(three_classes), PRE)
     b.train.transform = b.val.transform  # deterministic pixels: compare order only

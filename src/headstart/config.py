@@ -168,8 +168,8 @@ class TrainConfig:
     channels_last: bool | None = setting(None, shown="auto: on, on CPUs and GPUs alike",
                                          help="channels-last memory format: yes, no or auto")
     compile: bool = setting(False, help="torch.compile the network (a compile time up front; for long GPU runs)")
-    # On a 2-core CPU MobileNetV2 trained 3x faster at 224 px in chunks of 8 images than in batches
-    # of 64 (the chunk's activations stay in the caches): see runtime/chunks.py.
+    # On a 2-core CPU EfficientNet-Lite1 trained 2.5x faster at 240 px in chunks of 4 images than in
+    # batches of 64, MobileNetV2 1.7x at 224 px (a chunk's activations stay in the caches): runtime/chunks.py.
     micro_batch: int | None = setting(None, at_least=1, shown="auto: on the CPU, chunks of about 256k "
                                       "pixels (5 images at 224 px) unless a BatchNorm updates; on a GPU whole",
                                       help="images per forward and backward pass: each batch runs in such "

@@ -41,6 +41,13 @@ def interpolation(pre: Preprocessing) -> v2.InterpolationMode:
     return INTERPOLATIONS[pre.interpolation]
 
 
+def warp_mode(interp: v2.InterpolationMode) -> v2.InterpolationMode:
+    """The mode for affine warps (rotations, shears, translations) of image tensors: torchvision's
+    grid sampling there takes nearest or bilinear only, so a bicubic model (timm's EfficientNets)
+    warps bilinearly; its resizes stay bicubic."""
+    return v2.InterpolationMode.BILINEAR if interp == v2.InterpolationMode.BICUBIC else interp
+
+
 def build_transform(
     pre: Preprocessing, *, train: bool, augment: bool, kind: str = "photo", policy: str = "none"
 ) -> Callable[[Image.Image], torch.Tensor]:
@@ -60,7 +67,7 @@ def build_transform(
                 v2.RandomResizedCrop(pre.crop, scale=(0.35, 1.0), interpolation=interp, antialias=True),
                 v2.RandomHorizontalFlip(),
             ]
-            steps += _policy(policy, interp)
+            steps += _policy(policy, warp_mode(interp))
         else:
             steps += [v2.Resize(pre.resize, interpolation=interp, antialias=True), v2.CenterCrop(pre.crop)]
     elif kind == "digits":
@@ -71,7 +78,7 @@ def build_transform(
         steps.append(v2.Resize((pre.crop, pre.crop), interpolation=interp, antialias=True))
         if augmenting:
             steps.append(
-                v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), interpolation=interp)
+                v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), interpolation=warp_mode(interp))
             )
     else:
         raise ValueError(f"unknown transform kind {kind!r}; use 'photo' or 'digits'")

@@ -2,10 +2,11 @@
 
 On a CPU a convolutional network runs much faster per image on a few images at a time than on a
 whole batch of large ones: the activations of a small chunk stay in the caches. Measured on this
-project's 2-core machine (bench/micro_batch.py), training MobileNetV2 at 224 px took batches of 64
-at 12 images/s and chunks of 8 at 39; EfficientNet-Lite1 at 240 px went from 7 to 21, and at 128 px
-from 51 to 73 (chunks of 16); inference gained 2.2x at 224 px. The best chunk held about 256k
-pixels at every size (16 images at 128 px, 5 at 224), hence :data:`CPU_CHUNK_ELEMENTS`: three
+project's 2-core machine (bench/micro_batch.py, batches of 64), a training step of
+EfficientNet-Lite1 at 240 px ran 2.5x faster in chunks of 4 (7.7 -> 19 images/s), Lite2 at 260 px
+3.1x, MobileNetV2 at 224 px 1.7x (chunks of 5), ResNet-50 1.15x, and inference 1.45-1.6x; Lite1
+at 128 px gained nothing (the whole batch already fits). The best chunk held about 256k pixels at
+every size (a sweep: 4-8 images at 224 px, 16 at 128), hence :data:`CPU_CHUNK_ELEMENTS`: three
 colour planes of 256k pixels. Counting elements, not pixels, sizes chunks of a frozen prefix's
 feature maps too (MobileNetV2's 16 x 112 x 112 maps ran 46 images/s in chunks of 3 against 15 whole).
 
