@@ -1,5 +1,5 @@
 # Two entry points, each safe to run on a fresh machine (they set everything up first):
-#   make demo   - train the embedded default offline (MobileNetV2 ImageNet weights on digits)
+#   make demo   - train the embedded default offline (EfficientNet-Lite1 ImageNet weights on digits)
 #   make test   - run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
