@@ -61,6 +61,18 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def per_model(args: argparse.Namespace, measure: Any) -> None:
+    """``measure(name, size, args)`` for each ``name:size`` of ``args.models``: each result line on
+    stdout and appended to ``args.results``."""
+    setup_torch(args.threads)
+    for spec in args.models.split(","):
+        name, size = spec.split(":")
+        out = measure(name, int(size), args)
+        emit(out)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(out) + "\n")
+
+
 def skip(benchmark: str, reason: str) -> None:
     """Print a skipped result and exit 0 (absent data is not a failure)."""
     log(f"SKIPPED: {reason}")
@@ -208,6 +220,18 @@ def subset_for(args: argparse.Namespace, benchmark: str, n_train: int, n_val: in
 
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
+
+
+def two_sides(speeds: dict[str, dict[str, list[float]]], a: str, b: str) -> dict[str, float]:
+    """For each kind of ``speeds[side][kind]`` (per-round images/s): side ``a``'s and ``b``'s median
+    and the median of the per-round ratios b / a, as ``{kind}_{side}_img_s`` and ``{kind}_ratio``."""
+    out: dict[str, float] = {}
+    for kind in speeds[a]:
+        xs, ys = speeds[a][kind], speeds[b][kind]
+        out[f"{kind}_{a}_img_s"] = round(median(xs), 1)
+        out[f"{kind}_{b}_img_s"] = round(median(ys), 1)
+        out[f"{kind}_ratio"] = round(median([y / x for x, y in zip(xs, ys)]), 2)
+    return out
 
 
 def ratio(a: float, b: float) -> float:

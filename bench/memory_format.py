@@ -12,7 +12,6 @@ each, and the ratio channels-last / default (the median of the per-round ratios)
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -82,11 +81,7 @@ def measure(name: str, size: int, args: Any) -> dict[str, Any]:
                                                         for _ in range(args.steps)]))
     out: dict[str, Any] = {"benchmark": BENCH, "model": name, "size": size, "batch_size": args.batch_size,
                            "rounds": args.rounds, "steps": args.steps}
-    for kind in ("train", "infer"):
-        a, b = speeds["default"][kind], speeds["channels_last"][kind]
-        out[f"{kind}_default_img_s"] = round(common.median(a), 1)
-        out[f"{kind}_channels_last_img_s"] = round(common.median(b), 1)
-        out[f"{kind}_ratio"] = round(common.median([q / p for p, q in zip(a, b)]), 2)
+    out |= common.two_sides(speeds, "default", "channels_last")
     out["machine"] = common.machine_info()
     return out
 
@@ -99,14 +94,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--results", type=Path, default=common.REPO / "bench" / "results" / "memory_format.jsonl")
-    args = p.parse_args()
-    common.setup_torch(args.threads)
-    for spec in args.models.split(","):
-        name, size = spec.split(":")
-        out = measure(name, int(size), args)
-        common.emit(out)
-        with open(args.results, "a") as f:
-            f.write(json.dumps(out) + "\n")
+    common.per_model(p.parse_args(), measure)
 
 
 if __name__ == "__main__":

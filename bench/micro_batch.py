@@ -15,7 +15,6 @@ per-round ratios).
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -81,11 +80,7 @@ def measure(name: str, size: int, args: Any) -> dict[str, Any]:
             speeds[k]["infer"].append(infer_speed(s, xv, yv))
     out: dict[str, Any] = {"benchmark": BENCH, "model": name, "size": size, "batch_size": args.batch_size,
                            "auto_chunk": chunk_size(x, x.device), "rounds": args.rounds}
-    for kind in ("train", "infer"):
-        a, b = speeds["whole"][kind], speeds["auto"][kind]
-        out[f"{kind}_whole_img_s"] = round(common.median(a), 1)
-        out[f"{kind}_auto_img_s"] = round(common.median(b), 1)
-        out[f"{kind}_ratio"] = round(common.median([q / p for p, q in zip(a, b)]), 2)
+    out |= common.two_sides(speeds, "whole", "auto")
     out["machine"] = common.machine_info()
     return out
 
@@ -97,14 +92,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64, help="headstart's data.batch_size default")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--results", type=Path, default=common.REPO / "bench" / "results" / "micro_batch.jsonl")
-    args = p.parse_args()
-    common.setup_torch(args.threads)
-    for spec in args.models.split(","):
-        name, size = spec.split(":")
-        out = measure(name, int(size), args)
-        common.emit(out)
-        with open(args.results, "a") as f:
-            f.write(json.dumps(out) + "\n")
+    common.per_model(p.parse_args(), measure)
 
 
 if __name__ == "__main__":
