@@ -58,8 +58,11 @@ def _epoch(net, micro_batch, bn_policy, class_weights=None):
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights)
+    sizes = []  # the images each forward pass saw
+    net.body.register_forward_pre_hook(lambda m, i: sizes.append(len(i[0])))
     stats = train_one_epoch(net, loader, opt, sched, loss_fn, CPU, progress=False, channels_last=True,
                             micro_batch=micro_batch)
+    stats.sizes = sizes
     return net, stats
 
 
@@ -79,6 +82,7 @@ def test_chunked_steps_equal_whole_batch_steps_with_batchnorm_held(small_chunks)
     weights = torch.tensor([1.0, 2.0, 0.5])
     whole, s_whole = _epoch(net, 8, "eval-all", weights)
     auto, s_auto = _epoch(net, None, "eval-all", weights)  # chunks of 3, 3 and 2 of each batch of 8
+    assert s_whole.sizes == [8, 8] and s_auto.sizes == [3, 3, 2, 3, 3, 2]
     assert _max_difference(whole, auto) < 1e-5
     assert _max_difference(whole, net) > 1e-3  # it trained
     assert s_auto.loss == pytest.approx(s_whole.loss, rel=1e-5)
@@ -89,8 +93,9 @@ def test_auto_leaves_batches_whole_while_batchnorm_updates(small_chunks):
     torch.manual_seed(0)
     net = build_network("resnet18", "none", num_classes=3, input_size=32)
     whole, _ = _epoch(net, 8, "train")
-    auto, _ = _epoch(net, None, "train")
-    forced, _ = _epoch(net, 3, "train")  # explicit: each chunk normalised by its own statistics
+    auto, s_auto = _epoch(net, None, "train")
+    forced, s_forced = _epoch(net, 3, "train")  # explicit: each chunk normalised by its own statistics
+    assert s_auto.sizes == [8, 8] and s_forced.sizes == [3, 3, 2, 3, 3, 2]
     assert _max_difference(whole, auto) == 0
     assert _max_difference(whole, forced) > 1e-4
 

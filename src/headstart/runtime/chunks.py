@@ -39,10 +39,10 @@ def chunk_size(x: torch.Tensor, device: torch.device, setting: int | None = None
     return max(1, min(n, CPU_CHUNK_ELEMENTS // x[0].numel()))
 
 
-def train_chunk_size(x: torch.Tensor, device: torch.device, setting: int | None, net: nn.Module) -> int:
-    """:func:`chunk_size` for a training step of ``net``: auto leaves the batch whole while a
-    BatchNorm of ``net`` updates (chunks would each be normalised by their own statistics)."""
-    if setting is None and batch_statistics(net):
+def train_chunk_size(x: torch.Tensor, device: torch.device, setting: int | None, updating_bn: bool) -> int:
+    """:func:`chunk_size` for a training step: auto leaves the batch whole while a BatchNorm updates
+    (``updating_bn``, see :func:`batch_statistics`: chunks would each be normalised by their own statistics)."""
+    if setting is None and updating_bn:
         return x.shape[0]
     return chunk_size(x, device, setting)
 

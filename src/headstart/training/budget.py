@@ -40,7 +40,7 @@ from headstart.data import DataBundle, make_loader
 from headstart.errors import HeadstartError
 from headstart.models.freeze import unfreeze_last
 from headstart.models.network import Network
-from headstart.runtime.chunks import chunk_size, chunked, train_chunk_size
+from headstart.runtime.chunks import batch_statistics, chunk_size, chunked, train_chunk_size
 from headstart.training.cache import cache_root
 from headstart.training.loop import chunk_shares
 from headstart.training.optim import apply_stage, build_optimizer, finetune_stage, stage_climb
@@ -322,7 +322,7 @@ def _time_plan(net: Network, cfg: RunConfig, k: int, x: torch.Tensor,
     opt = build_optimizer(probe, stage, tc)
     loss_fn = torch.nn.CrossEntropyLoss()
     probe.train()
-    size = train_chunk_size(a, a.device, tc.micro_batch, probe)  # as train_one_epoch chunks
+    size = train_chunk_size(a, a.device, tc.micro_batch, batch_statistics(probe))  # as train_one_epoch chunks
     times = []
     for _ in range(3):  # the first step warms up allocations and is not counted
         start = now()

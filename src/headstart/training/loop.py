@@ -25,7 +25,7 @@ from headstart.data import DataBundle
 from headstart.errors import HeadstartError
 from headstart.models.network import Network
 from headstart.progress import Progress
-from headstart.runtime.chunks import spans, train_chunk_size
+from headstart.runtime.chunks import batch_statistics, spans, train_chunk_size
 from headstart.runtime.distributed import all_sum
 from headstart.runtime.precision import Precision
 from headstart.training.optim import lr_flag, stage_lr
@@ -160,6 +160,7 @@ def train_one_epoch(
     total_loss, correct, seen, batch = p.loss_sum, p.correct, p.seen, p.batches
     began = time.perf_counter() - p.seconds
     skips = _SkippedSteps(precision.scaler)
+    updating_bn = batch_statistics(net)  # once per epoch: the modes are set by net.train() above
     bar = Progress(loader, len(loader), desc, enabled=progress)
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -169,7 +170,7 @@ def train_one_epoch(
             x, y = mix(x, y)
         batch += 1
         opt.zero_grad(set_to_none=True)
-        size = train_chunk_size(x, device, micro_batch, net)
+        size = train_chunk_size(x, device, micro_batch, updating_bn)
         step_loss, right = 0.0, 0
         for i, (part, share) in enumerate(chunk_shares(loss_fn, y, size)):
             with precision.autocast():
