@@ -6,10 +6,13 @@ through ``training.loop.train_one_epoch`` (AdamW) with ``micro_batch`` = the who
 headstart's auto chunks (``runtime.chunks``), and ``evaluation.inference.predict_logits`` over a
 batch twice that size (the validation loader's) the same two ways. Two copies of the network, one
 per side; after a warm-up, rounds alternate (A B A B ...). One JSON line per backbone: the median
-images/s of each side, the chunk size auto chose, and the ratio auto / whole (the median of the
-per-round ratios).
+images/s of each side, the chunk size used, and the ratio auto / whole (the median of the per-round
+ratios). ``--chunk N`` sets the chunk instead of auto (the sweep behind the budget);
+``--bf16`` compares fp32 and bf16 autocast instead, both in chunks.
 
     python bench/micro_batch.py --models mobilenet_v2:224,tf_efficientnet_lite1:240,tf_efficientnet_lite1:128
+    for c in 32 16 8 5 4; do python bench/micro_batch.py --models mobilenet_v2:224 --chunk $c; done
+    python bench/micro_batch.py --models tf_efficientnet_lite1:240,mobilenet_v2:224 --bf16
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ import common  # noqa: E402
 BENCH = "micro_batch"
 
 
-def side(net: Any, batch_size: int) -> dict[str, Any]:
+def side(net: Any, micro_batch: int | None, precision: str = "fp32") -> dict[str, Any]:
     import torch
+
+    from headstart.runtime.precision import resolve_precision
 
     net = copy.deepcopy(net)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return {"net": net, "opt": opt, "sched": sched, "micro_batch": batch_size}
+    return {"net": net, "opt": opt, "sched": sched, "micro_batch": micro_batch,
+            "precision": resolve_precision(precision, torch.device("cpu"))}
 
 
 def train_speed(s: dict[str, Any], x: Any, y: Any) -> float:
@@ -42,7 +48,8 @@ def train_speed(s: dict[str, Any], x: Any, y: Any) -> float:
 
     loader = [(x, y)]
     stats = train_one_epoch(s["net"], loader, s["opt"], s["sched"], torch.nn.CrossEntropyLoss(), x.device,
-                            progress=False, channels_last=True, micro_batch=s["micro_batch"])
+                            progress=False, channels_last=True, micro_batch=s["micro_batch"],
+                            precision=s["precision"])
     return stats.images_per_s
 
 
@@ -50,7 +57,8 @@ def infer_speed(s: dict[str, Any], x: Any, y: Any) -> float:
     from headstart.evaluation.inference import predict_logits
 
     start = time.perf_counter()
-    predict_logits(s["net"], [(x, y)], x.device, micro_batch=s["micro_batch"])
+    with s["precision"].autocast():
+        predict_logits(s["net"], [(x, y)], x.device, micro_batch=s["micro_batch"])
     return len(x) / (time.perf_counter() - start)
 
 
@@ -68,8 +76,10 @@ def measure(name: str, size: int, args: Any) -> dict[str, Any]:
     y = torch.randint(0, 10, (args.batch_size,))
     xv = torch.cat([x, x]).contiguous(memory_format=torch.channels_last)
     yv = torch.cat([y, y])
-    sides = {"whole": side(net, args.batch_size), "auto": side(net, args.batch_size)}
-    sides["auto"]["micro_batch"] = None
+    if args.bf16:  # both in chunks (--chunk or auto): fp32 against bf16 autocast
+        sides = {"fp32": side(net, args.chunk), "bf16": side(net, args.chunk, "bf16")}
+    else:
+        sides = {"whole": side(net, args.batch_size), "auto": side(net, args.chunk)}
     for s in sides.values():  # warm-up: allocations, oneDNN primitive caches
         train_speed(s, x, y)
         infer_speed(s, xv, yv)
@@ -79,8 +89,9 @@ def measure(name: str, size: int, args: Any) -> dict[str, Any]:
             speeds[k]["train"].append(train_speed(s, x, y))
             speeds[k]["infer"].append(infer_speed(s, xv, yv))
     out: dict[str, Any] = {"benchmark": BENCH, "model": name, "size": size, "batch_size": args.batch_size,
-                           "auto_chunk": chunk_size(x, x.device), "rounds": args.rounds}
-    out |= common.two_sides(speeds, "whole", "auto")
+                           "chunk": chunk_size(x, x.device, args.chunk), "chunk_set": args.chunk is not None,
+                           "rounds": args.rounds}
+    out |= common.two_sides(speeds, *sides)
     out["machine"] = common.machine_info()
     return out
 
@@ -91,6 +102,8 @@ def main() -> None:
                                        "tf_efficientnet_lite2:260,resnet50:224")
     p.add_argument("--batch-size", type=int, default=64, help="headstart's data.batch_size default")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=None, help="images per chunk instead of auto (a sweep by hand)")
+    p.add_argument("--bf16", action="store_true", help="compare fp32 and bf16 autocast, both in chunks")
     p.add_argument("--results", type=Path, default=common.REPO / "bench" / "results" / "micro_batch.jsonl")
     common.per_model(p.parse_args(), measure)
 

@@ -159,8 +159,8 @@ class TrainConfig:
     # Not used while training from cached features, where there are no images to mix.
     mixup: float = setting(0.0, at_least=0, help="mixup on images: alpha of the Beta distribution (0: off)")
     cutmix: float = setting(0.0, at_least=0, help="cutmix on images: alpha of the Beta distribution (0: off)")
-    # On this project's AMX CPU bf16 autocast trained EfficientNet-Lite 0.7-0.8x as fast as fp32 (the
-    # backward of its 5x5 depthwise convolutions is slow in bf16), MobileNetV2 1.1x: fp32 on the CPU.
+    # On this project's AMX CPU bf16 autocast trained EfficientNet-Lite1 0.77x as fast as fp32 (the backward
+    # of its 5x5 depthwise convolutions is slow in bf16), MobileNetV2 1.17x (bench/micro_batch.py --bf16).
     precision: str = setting("auto", choices=("auto", "fp32", "bf16", "fp16"),
                              help="auto: bf16 on GPUs that have it, fp16 with a scaler on older ones, fp32 on CPU")
     # Channels-last trained MobileNetV2 1.4-1.6x and EfficientNet-Lite 1.4x faster on a 2-core CPU
